@@ -1,0 +1,102 @@
+"""The interface every storage backend implements, and the errors it may raise.
+
+A backend knows how to find the file store (ZFS dataset, LVM volume, btrfs subvolume) behind a
+share path, snapshot several stores at once, expose a snapshot as a directory tree (read-only, or
+writable for auto-recovery), make an exposure read-only, and remove exactly what it created.
+Backend methods block (they run storage commands); the daemon calls them from a worker thread.
+Names of created objects derive from the set and copy GUIDs, so a durable record of the GUIDs is
+enough for a restarted daemon to find them again.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import uuid
+
+
+class NotSupported(Exception):
+    """The path cannot be shadow-copied by this backend; the message says why, in plain words."""
+
+
+class BackendError(Exception):
+    """A storage operation failed; `out_of_space` tells a full pool/VG apart from other failures."""
+
+    def __init__(self, message: str, out_of_space: bool = False):
+        super().__init__(message)
+        self.out_of_space = out_of_space
+
+
+@dataclasses.dataclass(frozen=True)
+class FileStore:
+    """The storage object behind one share.
+
+    `group` names what can be snapshotted in one atomic call (the ZFS pool, the LVM thin pool);
+    `name` is unique per backend (dataset name, VG/LV) and is what "one copy per file store" counts.
+    """
+
+    backend: str
+    name: str
+    group: str
+    mountpoint: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ShadowCopyRef:
+    """One shadow copy as the backend needs to know it."""
+
+    set_id: uuid.UUID
+    copy_id: uuid.UUID
+    store: FileStore
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnedObject:
+    """Something on storage that carries fsrvpd's ownership tags (found at start-up reconciliation)."""
+
+    kind: str  # "snapshot", "clone", "mount", ...
+    name: str
+    set_id: uuid.UUID
+    copy_id: uuid.UUID | None
+
+
+class Backend(abc.ABC):
+    """One kind of storage. Every method is idempotent where the docstring says so."""
+
+    name: str
+
+    @abc.abstractmethod
+    def file_store(self, path: str, configured: str | None = None) -> FileStore:
+        """Return the store whose root is mounted exactly at `path` (or the configured store name).
+
+        Raises NotSupported when the path is not a store root or has other stores/mounts below it.
+        Creates nothing.
+        """
+
+    @abc.abstractmethod
+    def snapshot(self, copies: list[ShadowCopyRef]) -> None:
+        """Take read-only snapshots of every copy's store, atomically per `group`, tagged as ours.
+
+        On failure nothing of this call is left behind (or what is left is tagged and removable by
+        `remove`), and BackendError is raised.
+        """
+
+    @abc.abstractmethod
+    def expose(self, copy: ShadowCopyRef, writable: bool) -> str:
+        """Make the snapshot readable as a directory tree and return its path (idempotent)."""
+
+    @abc.abstractmethod
+    def make_read_only(self, copy: ShadowCopyRef) -> None:
+        """Turn a writable exposure read-only at the storage level (idempotent)."""
+
+    @abc.abstractmethod
+    def remove(self, copy: ShadowCopyRef) -> None:
+        """Remove the copy's exposure and snapshot, only if they carry our tags (idempotent)."""
+
+    @abc.abstractmethod
+    def owned(self) -> list[OwnedObject]:
+        """List every object on storage that carries fsrvpd's ownership tags."""
+
+    @abc.abstractmethod
+    def remove_owned(self, obj: OwnedObject) -> None:
+        """Remove one object found by `owned` (used to clean up what no set in the state owns)."""
