@@ -1,0 +1,427 @@
+"""The ZFS backend: one snapshot per dataset, exposed as a clone.
+
+Objects and names (GUIDs lowercase, without braces)
+  snapshot  <dataset>@fsrvpd-<set guid>    user properties fsrvpd:set=<set guid>, fsrvpd:copy=<copy guid>
+  clone     <pool>/fsrvpd-<copy guid>       the same two tags; mounted at <mount_root>/<copy guid>
+A tag counts only where it is set on the object itself (user properties are inherited, so a
+snapshot of one of our clones would otherwise look like ours). Nothing is destroyed unless it
+carries our tags for the copy at hand, and `zfs destroy` never gets -r or -R.
+
+Atomicity of `snapshot`: copies are grouped per pool (and set); each group is one atomic call.
+  - OpenZFS takes several snapshot arguments in one `zfs snapshot`: all are taken in the same
+    transaction group, or none is.
+  - zfs-fuse (pool v23) takes one argument. A group of one dataset is snapshotted directly; a
+    group of several by `zfs snapshot -r` of their deepest common ancestor, which is atomic as
+    well; the snapshots of the datasets below that ancestor that are not in the set are then
+    destroyed (they carry our set tag and no copy tag). For that moment they exist.
+  Groups in different pools are separate calls, so a set spanning pools is consistent per pool
+  only; no ZFS tool offers more. One call can give every snapshot the same properties only, so
+  the copy tag is set on each snapshot right after. If anything fails, every snapshot of the call
+  that carries the set tag is destroyed before BackendError is raised.
+
+Exposure is a clone: zfs-fuse has no .zfs/snapshot directory, and a clone also serves writable
+(auto-recovery) copies. A read-only exposure is a clone with readonly=on, so ZFS itself refuses
+writes, whatever the share says.
+
+The command layer is `ZfsCli`, the one class that knows the zfs command line; it reports
+failures as `ZfsError` with the kinds the backend acts on. On OpenZFS hosts a `ZfsLibzfsCore` on
+pyzfs (libzfs_core) can replace it method for method; pyzfs does not exist for zfs-fuse, so that
+class is not written yet.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+from fsrvpd.backends.base import Backend, BackendError, FileStore, NotSupported, OwnedObject, ShadowCopyRef
+from fsrvpd.runner import CommandFailed, CommandRunner
+
+log = logging.getLogger("fsrvpd.backends.zfs")
+
+SET_TAG = "fsrvpd:set"
+COPY_TAG = "fsrvpd:copy"
+NAME_PREFIX = "fsrvpd-"
+ZFS_MOUNT_TYPES = {"zfs", "fuse.zfs"}  # OpenZFS, zfs-fuse
+BUSY_RETRY_SECONDS = 10.0  # smbd keeps a just-unshared clone busy for a moment
+
+_OUR_CLONE = re.compile(rf"^[^/@]+/{NAME_PREFIX}[0-9a-f-]{{36}}$")
+
+
+class ZfsError(Exception):
+    """A zfs operation failed; the flags say why in terms that do not depend on the command layer."""
+
+    def __init__(self, message: str, missing: bool = False, busy: bool = False, out_of_space: bool = False):
+        super().__init__(message)
+        self.missing = missing
+        self.busy = busy
+        self.out_of_space = out_of_space
+
+    @classmethod
+    def from_command(cls, message: str, stderr: str) -> ZfsError:
+        return cls(message,
+                   missing="does not exist" in stderr,
+                   busy=re.search(r"\bbusy\b", stderr) is not None,
+                   out_of_space=re.search(r"out of space|quota exceeded|no space left", stderr, re.I) is not None)
+
+
+class Filesystem(NamedTuple):
+    name: str
+    mountpoint: str
+    canmount: str
+
+
+class ZfsCli:
+    """The zfs command line, limited to what both zfs-fuse and current OpenZFS accept."""
+
+    def __init__(self, runner: CommandRunner, timeout: float):
+        self.runner = runner
+        self.timeout = timeout
+        self._takes_several_snapshots: bool | None = None
+
+    def _run(self, *args: str) -> str:
+        try:
+            return self.runner.run(["zfs", *args], timeout=self.timeout).stdout
+        except CommandFailed as exc:
+            raise ZfsError.from_command(str(exc), exc.stderr) from exc
+
+    def filesystems(self) -> list[Filesystem]:
+        out = self._run("list", "-H", "-o", "name,mountpoint,canmount", "-t", "filesystem")
+        return [Filesystem(*line.split("\t")) for line in out.splitlines()]
+
+    def tree(self, dataset: str) -> list[str]:
+        """The dataset and every filesystem and volume below it."""
+        return self._run("list", "-H", "-r", "-o", "name", "-t", "filesystem,volume", dataset).splitlines()
+
+    def get(self, properties: Iterable[str], names: Iterable[str] = (), only_local: bool = False,
+            exact: bool = False) -> dict[str, dict[str, str]]:
+        """Property values per object; objects that do not exist are left out, unset values too.
+
+        User properties (name:prop) count only where set on the object itself. Without names,
+        every filesystem, volume and snapshot is read. `exact` gives numbers in bytes.
+        """
+        argv = ["zfs", "get", "-H", *(["-p"] if exact else []), "-o", "name,property,value,source",
+                *(["-s", "local"] if only_local else []), ",".join(properties), *names]
+        proc = self.runner.run(argv, timeout=self.timeout, check=False)
+        complaints = proc.stderr.strip().splitlines()
+        only_missing = bool(names) and bool(complaints) and all("does not exist" in line for line in complaints)
+        if proc.returncode != 0 and not only_missing:
+            raise ZfsError.from_command(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}",
+                                        proc.stderr)
+        values: dict[str, dict[str, str]] = {}
+        for line in proc.stdout.splitlines():
+            name, prop, value, source = line.split("\t")
+            props = values.setdefault(name, {})
+            if value != "-" and (":" not in prop or source == "local"):
+                props[prop] = value
+        return values
+
+    def takes_several_snapshots(self) -> bool:
+        """Whether one `zfs snapshot` takes several snapshots (OpenZFS) or only one (zfs-fuse).
+
+        Probed once: both reject arguments without '@' before opening anything, but only a CLI
+        that counts its arguments first answers "too many arguments".
+        """
+        if self._takes_several_snapshots is None:
+            probe = self.runner.run(["zfs", "snapshot", "fsrvpd-probe", "fsrvpd-probe"],
+                                    timeout=self.timeout, check=False)
+            self._takes_several_snapshots = "too many arguments" not in probe.stderr
+        return self._takes_several_snapshots
+
+    def snapshot(self, snapshots: list[str], properties: dict[str, str], recursive: bool = False) -> None:
+        self._run("snapshot", *(["-r"] if recursive else []), *_options(properties), *snapshots)
+
+    def clone(self, snapshot: str, target: str, properties: dict[str, str]) -> None:
+        self._run("clone", *_options(properties), snapshot, target)
+
+    def set(self, name: str, prop: str, value: str) -> None:
+        self._run("set", f"{prop}={value}", name)
+
+    def mount(self, name: str) -> None:
+        self._run("mount", name)
+
+    def destroy(self, name: str) -> None:
+        self._run("destroy", name)
+
+
+def _options(properties: dict[str, str]) -> list[str]:
+    return [arg for prop, value in properties.items() for arg in ("-o", f"{prop}={value}")]
+
+
+class Mount(NamedTuple):
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def read_mounts() -> list[Mount]:
+    """This process's mounts in mount order (a later one at the same point is on top)."""
+    mounts = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mountinfo:
+        for line in mountinfo:
+            before, _, after = line.partition(" - ")
+            fstype, source = after.split()[:2]
+            mounts.append(Mount(_unescape(before.split()[4]), fstype, _unescape(source)))
+    return mounts
+
+
+def _unescape(field: str) -> str:
+    """Undo mountinfo's octal escapes of blanks and backslashes."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
+
+
+def snapshot_name(copy: ShadowCopyRef) -> str:
+    return f"{copy.store.name}@{NAME_PREFIX}{copy.set_id}"
+
+
+def clone_name(copy: ShadowCopyRef) -> str:
+    return f"{copy.store.group}/{NAME_PREFIX}{copy.copy_id}"
+
+
+def common_ancestor(datasets: Iterable[str]) -> str:
+    """The deepest dataset that has all `datasets` at or below it (they share one pool)."""
+    return "/".join(os.path.commonprefix([name.split("/") for name in datasets]))
+
+
+@contextlib.contextmanager
+def _failing_as(action: str) -> Iterator[None]:
+    """Report a zfs failure to the daemon as BackendError, keeping its out-of-space flag."""
+    try:
+        yield
+    except ZfsError as exc:
+        raise BackendError(f"{action}: {exc}", out_of_space=exc.out_of_space) from exc
+
+
+class ZfsBackend(Backend):
+    """Shadow copies of ZFS filesystems (see the module docstring for names, tags and atomicity)."""
+
+    name = "zfs"
+
+    def __init__(self, runner: CommandRunner, mount_root: str, command_timeout: float = 60):
+        self.zfs = ZfsCli(runner, command_timeout)
+        self.mount_root = mount_root
+
+    # -- file stores -------------------------------------------------------------------------
+
+    def file_store(self, path: str, configured: str | None = None) -> FileStore:
+        path = os.path.realpath(path)
+        mounts = read_mounts()
+        on_top = next((m for m in reversed(mounts) if m.mountpoint == path), None)
+        with _failing_as(f"looking up the ZFS dataset of {path}"):
+            filesystems = {fs.name: fs for fs in self.zfs.filesystems()}
+            dataset = configured or self._dataset_mounted_at(path, on_top, mounts, filesystems)
+            if dataset not in filesystems:
+                raise NotSupported(self._why_not_a_filesystem(dataset))
+        if not _is_zfs_mount_of(on_top, dataset):
+            elsewhere = [m.mountpoint for m in mounts if _is_zfs_mount_of(m, dataset)]
+            raise NotSupported(f"ZFS dataset {dataset} is mounted at {elsewhere[-1]}, not at {path}" if elsewhere
+                               else f"ZFS dataset {dataset} is not mounted")
+        below = self._file_systems_below(path, mounts, filesystems.values())
+        if below:
+            raise NotSupported(f"{path} has other file systems below it ({', '.join(below)}); a snapshot of "
+                               f"{dataset} would not contain them. Give the share a dataset with nothing below it.")
+        return FileStore(backend=self.name, name=dataset, group=dataset.split("/")[0], mountpoint=path)
+
+    @staticmethod
+    def _dataset_mounted_at(path: str, on_top: Mount | None, mounts: list[Mount],
+                            filesystems: dict[str, Filesystem]) -> str:
+        if on_top is not None:
+            if on_top.fstype not in ZFS_MOUNT_TYPES:
+                raise NotSupported(f"{path} is a {on_top.fstype} file system, not a ZFS dataset")
+            return on_top.source
+        unmounted = [fs.name for fs in filesystems.values() if fs.mountpoint == path]
+        if unmounted:
+            raise NotSupported(f"ZFS dataset {unmounted[0]} belongs at {path} but is not mounted")
+        if not os.path.isdir(path):
+            raise NotSupported(f"{path} is not a directory")
+        enclosing = max((m for m in mounts if _is_below(path, m.mountpoint)), key=lambda m: len(m.mountpoint))
+        raise NotSupported(f"{path} is a directory inside {enclosing.source} (mounted at {enclosing.mountpoint}), "
+                           "not the root of a ZFS dataset. Give the share its own dataset.")
+
+    def _why_not_a_filesystem(self, dataset: str) -> str:
+        kind = "snapshot" if "@" in dataset else self.zfs.get(["type"], [dataset]).get(dataset, {}).get("type")
+        if kind is None:
+            return f"there is no ZFS dataset named {dataset}"
+        return f"ZFS {kind} {dataset} is not a filesystem"
+
+    @staticmethod
+    def _file_systems_below(path: str, mounts: list[Mount], filesystems: Iterable[Filesystem]) -> list[str]:
+        """What would be missing from a snapshot of the dataset at `path`: mounts and datasets below it.
+
+        Our own clones and OpenZFS's automounted .zfs/snapshot entries are not part of the share.
+        """
+        found = {f"{m.source} at {m.mountpoint}" for m in mounts
+                 if _is_below(m.mountpoint, path) and m.mountpoint != path
+                 and not (m.fstype in ZFS_MOUNT_TYPES and _OUR_CLONE.match(m.source))
+                 and not _is_below(m.mountpoint, os.path.join(path, ".zfs"))}
+        found |= {f"{fs.name} at {fs.mountpoint}" for fs in filesystems
+                  if _is_below(fs.mountpoint, path) and fs.mountpoint != path
+                  and fs.canmount != "off" and not _OUR_CLONE.match(fs.name)}
+        return sorted(found)
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def snapshot(self, copies: list[ShadowCopyRef]) -> None:
+        groups: dict[tuple[str, uuid.UUID], list[ShadowCopyRef]] = collections.defaultdict(list)
+        for copy in copies:
+            groups[(copy.store.group, copy.set_id)].append(copy)
+        try:
+            for (_, set_id), members in groups.items():
+                self._snapshot_atomically(set_id, [copy.store.name for copy in members])
+                for copy in members:
+                    self.zfs.set(snapshot_name(copy), COPY_TAG, str(copy.copy_id))
+        except ZfsError as exc:
+            for (_, set_id), members in groups.items():
+                self._discard_snapshots(set_id, [copy.store.name for copy in members])
+            raise BackendError(f"taking the snapshots failed: {exc}", out_of_space=exc.out_of_space) from exc
+
+    def _snapshots_directly(self, datasets: list[str]) -> bool:
+        """Whether one call can name every dataset, or (zfs-fuse) must recurse from their ancestor."""
+        return len(datasets) == 1 or self.zfs.takes_several_snapshots()
+
+    def _snapshot_atomically(self, set_id: uuid.UUID, datasets: list[str]) -> None:
+        suffix = f"@{NAME_PREFIX}{set_id}"
+        if self._snapshots_directly(datasets):
+            self.zfs.snapshot([dataset + suffix for dataset in datasets], {SET_TAG: str(set_id)})
+            return
+        ancestor = common_ancestor(datasets)
+        self.zfs.snapshot([ancestor + suffix], {SET_TAG: str(set_id)}, recursive=True)
+        extras = [dataset + suffix for dataset in self.zfs.tree(ancestor) if dataset not in datasets]
+        for name, tags in self.zfs.get([SET_TAG, COPY_TAG], extras).items():
+            if tags.get(SET_TAG) == str(set_id) and COPY_TAG not in tags:
+                self._destroy(name)
+
+    def _discard_snapshots(self, set_id: uuid.UUID, datasets: list[str]) -> None:
+        """Destroy what a failed call may have created; what stays is tagged, so `owned` finds it."""
+        try:
+            scope = datasets if self._snapshots_directly(datasets) else self.zfs.tree(common_ancestor(datasets))
+            candidates = [f"{dataset}@{NAME_PREFIX}{set_id}" for dataset in scope]
+            for name, tags in self.zfs.get([SET_TAG], candidates).items():
+                if tags.get(SET_TAG) == str(set_id):
+                    self._destroy(name)
+        except ZfsError as exc:
+            log.error("could not discard the snapshots of failed set %s (they are tagged): %s", set_id, exc)
+
+    # -- exposure ----------------------------------------------------------------------------
+
+    def expose(self, copy: ShadowCopyRef, writable: bool) -> str:
+        snapshot, clone = snapshot_name(copy), clone_name(copy)
+        with _failing_as(f"exposing {snapshot}"):
+            found = self.zfs.get([SET_TAG, COPY_TAG, "origin", "mountpoint", "mounted"], [snapshot, clone])
+            if clone in found:
+                _require_ours(clone, found[clone], copy.set_id, copy.copy_id)
+                if found[clone].get("mounted") != "yes":
+                    self.zfs.mount(clone)
+                return found[clone]["mountpoint"]
+            if snapshot not in found:
+                raise BackendError(f"snapshot {snapshot} does not exist")
+            _require_ours(snapshot, found[snapshot], copy.set_id, copy.copy_id)
+            mountpoint = os.path.join(self.mount_root, str(copy.copy_id))
+            os.makedirs(self.mount_root, exist_ok=True)
+            try:
+                self.zfs.clone(snapshot, clone, {"readonly": "off" if writable else "on", "mountpoint": mountpoint,
+                                                 SET_TAG: str(copy.set_id), COPY_TAG: str(copy.copy_id)})
+            except ZfsError:
+                self._destroy_if_ours([clone], copy.set_id, copy.copy_id)  # created, then failed to mount
+                raise
+            return mountpoint
+
+    def make_read_only(self, copy: ShadowCopyRef) -> None:
+        with _failing_as(f"making {clone_name(copy)} read-only"):
+            self.zfs.set(clone_name(copy), "readonly", "on")
+
+    def usage(self, copy: ShadowCopyRef) -> dict[str, int]:
+        """Bytes used by the copy's snapshot and clone (those that exist), for metrics."""
+        names = {"snapshot": snapshot_name(copy), "clone": clone_name(copy)}
+        with _failing_as(f"reading the space used by copy {copy.copy_id}"):
+            found = self.zfs.get(["used"], names.values(), exact=True)
+        return {kind: int(found[name]["used"]) for kind, name in names.items() if name in found}
+
+    # -- removal -----------------------------------------------------------------------------
+
+    def remove(self, copy: ShadowCopyRef) -> None:
+        with _failing_as(f"removing shadow copy {copy.copy_id}"):
+            self._destroy_if_ours([clone_name(copy), snapshot_name(copy)], copy.set_id, copy.copy_id)
+        _remove_empty_directory(os.path.join(self.mount_root, str(copy.copy_id)))
+
+    def owned(self) -> list[OwnedObject]:
+        """Every tagged snapshot and clone, clones first (a snapshot cannot go before its clones)."""
+        with _failing_as("listing fsrvpd's snapshots and clones"):
+            tagged = self.zfs.get([SET_TAG, COPY_TAG], only_local=True)
+        objects = []
+        for name, tags in tagged.items():
+            try:
+                set_id = uuid.UUID(tags[SET_TAG])
+                copy_id = uuid.UUID(tags[COPY_TAG]) if COPY_TAG in tags else None
+            except (KeyError, ValueError):
+                log.warning("%s carries malformed fsrvpd tags %s; leaving it alone", name, tags)
+                continue
+            objects.append(OwnedObject("snapshot" if "@" in name else "clone", name, set_id, copy_id))
+        return sorted(objects, key=lambda obj: (obj.kind == "snapshot", obj.name))
+
+    def remove_owned(self, obj: OwnedObject) -> None:
+        with _failing_as(f"removing {obj.kind} {obj.name}"):
+            self._destroy_if_ours([obj.name], obj.set_id, obj.copy_id)
+
+    def _destroy_if_ours(self, names: list[str], set_id: uuid.UUID, copy_id: uuid.UUID | None) -> None:
+        """Destroy those of `names` that exist, in order, after checking that every one of them is ours."""
+        found = self.zfs.get([SET_TAG, COPY_TAG, "origin", "mountpoint"], names)
+        for name in found:
+            _require_ours(name, found[name], set_id, copy_id)
+        for name in (name for name in names if name in found):
+            self._destroy(name)
+            if "@" not in name:
+                _remove_empty_directory(found[name]["mountpoint"])
+
+    def _destroy(self, name: str) -> None:
+        """`zfs destroy` that waits out a dataset busy for a moment; a missing one is fine."""
+        deadline = time.monotonic() + BUSY_RETRY_SECONDS
+        delay = 0.05
+        while True:
+            try:
+                self.zfs.destroy(name)
+                return
+            except ZfsError as exc:
+                if exc.missing:
+                    return
+                if not exc.busy or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def _require_ours(name: str, props: dict[str, str], set_id: uuid.UUID, copy_id: uuid.UUID | None) -> None:
+    """Raise BackendError unless `name` carries our tags for this set and copy (and a clone is a clone)."""
+    tagged_copy = props.get(COPY_TAG)
+    ours = (props.get(SET_TAG) == str(set_id)
+            and (tagged_copy is None or tagged_copy == str(copy_id))
+            and ("@" in name or "origin" in props))
+    if not ours:
+        raise BackendError(f"{name} exists but does not carry fsrvpd's tags for set {set_id}"
+                           f"{f' and copy {copy_id}' if copy_id else ''}; leaving it alone")
+
+
+def _is_zfs_mount_of(mount: Mount | None, dataset: str) -> bool:
+    return mount is not None and mount.fstype in ZFS_MOUNT_TYPES and mount.source == dataset
+
+
+def _is_below(path: str, directory: str) -> bool:
+    """Whether `path` is `directory` or inside it."""
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _remove_empty_directory(path: str) -> None:
+    """Remove a clone's mountpoint directory; one that holds anything stays (and is logged)."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("left directory %s in place: %s", path, exc.strerror)

@@ -1,0 +1,263 @@
+"""The ZFS backend against a real pool (zfs-fuse here, OpenZFS in production): no zfs is mocked.
+
+Each test gets its own pool on a sparse file, so what a test finds on storage is its own doing.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import uuid
+
+import pytest
+
+from fsrvpd.backends.base import BackendError, NotSupported, ShadowCopyRef
+from fsrvpd.backends.zfs import COPY_TAG, SET_TAG, ZfsBackend, clone_name, snapshot_name
+from fsrvpd.runner import CommandRunner
+from tests.support.zfs import FilePool, zfs
+
+pytest_plugins = ["tests.support.zfs"]  # the zfs_daemon and zfs_pool fixtures
+pytestmark = pytest.mark.zfs
+
+
+@pytest.fixture
+def backend(zfs_pool: FilePool) -> ZfsBackend:
+    return ZfsBackend(CommandRunner(), mount_root=os.path.join(zfs_pool.directory, "exposed"))
+
+
+def copies_of(backend: ZfsBackend, paths: list[str]) -> list[ShadowCopyRef]:
+    """One shadow copy set over the shares at `paths`."""
+    set_id = uuid.uuid4()
+    return [ShadowCopyRef(set_id, uuid.uuid4(), backend.file_store(path)) for path in paths]
+
+
+def ours(pool: FilePool) -> list[str]:
+    """Every snapshot and dataset of the pool that fsrvpd's naming would claim."""
+    return [name for name in zfs("list", "-H", "-t", "all", "-r", "-o", "name", pool.name).splitlines()
+            if "fsrvpd-" in name]
+
+
+def local_tags(name: str) -> dict[str, str]:
+    lines = zfs("get", "-H", "-s", "local", "-o", "property,value", f"{SET_TAG},{COPY_TAG}", name).splitlines()
+    return dict(line.split("\t") for line in lines)
+
+
+def write(path: str, text: str) -> None:
+    with open(path, "w") as out:
+        out.write(text)
+
+
+def read(path: str) -> str:
+    with open(path) as source:
+        return source.read()
+
+
+def assert_refuses_writes(directory: str) -> None:
+    with pytest.raises(OSError) as refused:
+        write(os.path.join(directory, "new-file"), "x")
+    assert refused.value.errno == errno.EROFS
+
+
+def fill(directory: str) -> None:
+    """Write zeros until the pool has no space left (ZFS does not compress by default)."""
+    chunk = bytes(1024 * 1024)
+    with pytest.raises(OSError) as full:
+        with open(os.path.join(directory, "filler"), "wb") as filler:
+            while True:
+                filler.write(chunk)
+                filler.flush()
+    assert full.value.errno == errno.ENOSPC
+    os.sync()
+
+
+# -- file_store --------------------------------------------------------------------------------
+
+def test_file_store_is_the_dataset_mounted_at_the_path(zfs_pool, backend):
+    name, mountpoint = zfs_pool.dataset("vms")
+    store = backend.file_store(mountpoint)
+    assert (store.backend, store.name, store.group, store.mountpoint) == ("zfs", name, zfs_pool.name, mountpoint)
+    assert backend.file_store(mountpoint, configured=name) == store
+    assert ours(zfs_pool) == []
+
+
+def test_file_store_refuses_a_subdirectory_of_a_dataset(zfs_pool, backend):
+    _, mountpoint = zfs_pool.dataset("vms")
+    os.mkdir(os.path.join(mountpoint, "disk1"))
+    with pytest.raises(NotSupported, match="directory inside"):
+        backend.file_store(os.path.join(mountpoint, "disk1"))
+
+
+def test_file_store_refuses_a_dataset_with_another_dataset_below(zfs_pool, backend):
+    _, mountpoint = zfs_pool.dataset("vms")
+    zfs_pool.dataset("vms/disk1")
+    with pytest.raises(NotSupported, match="vms/disk1"):
+        backend.file_store(mountpoint)
+
+
+def test_file_store_refuses_a_dataset_with_another_mount_below(zfs_pool, backend):
+    _, mountpoint = zfs_pool.dataset("vms")
+    below = os.path.join(mountpoint, "scratch")
+    os.mkdir(below)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", below], check=True)
+    try:
+        with pytest.raises(NotSupported, match="tmpfs at .*scratch"):
+            backend.file_store(mountpoint)
+    finally:
+        subprocess.run(["umount", below], check=True)
+
+
+def test_file_store_refuses_an_unmounted_dataset(zfs_pool, backend):
+    name, mountpoint = zfs_pool.dataset("vms")
+    zfs("umount", name)
+    with pytest.raises(NotSupported, match="belongs at .* but is not mounted"):
+        backend.file_store(mountpoint)
+    with pytest.raises(NotSupported, match="is not mounted"):
+        backend.file_store(mountpoint, configured=name)
+
+
+def test_file_store_refuses_a_configured_name_that_does_not_match(zfs_pool, backend):
+    vms, vms_mountpoint = zfs_pool.dataset("vms")
+    _, db_mountpoint = zfs_pool.dataset("db")
+    with pytest.raises(NotSupported, match=f"mounted at {vms_mountpoint}, not at {db_mountpoint}"):
+        backend.file_store(db_mountpoint, configured=vms)
+    with pytest.raises(NotSupported, match="no ZFS dataset named"):
+        backend.file_store(vms_mountpoint, configured=f"{zfs_pool.name}/absent")
+    zfs("snapshot", f"{vms}@manual")
+    with pytest.raises(NotSupported, match="snapshot .* is not a filesystem"):
+        backend.file_store(vms_mountpoint, configured=f"{vms}@manual")
+
+
+def test_file_store_ignores_our_own_clones_below(zfs_pool):
+    _, mountpoint = zfs_pool.dataset("vms")
+    backend = ZfsBackend(CommandRunner(), mount_root=os.path.join(mountpoint, ".exposed"))
+    [copy] = copies_of(backend, [mountpoint])
+    backend.snapshot([copy])
+    backend.expose(copy, writable=False)
+    assert backend.file_store(mountpoint) == copy.store
+
+
+# -- snapshot, expose, make_read_only ---------------------------------------------------------
+
+def test_read_only_copy_shows_old_data_and_refuses_writes(zfs_pool, backend):
+    _, mountpoint = zfs_pool.dataset("vms")
+    write(os.path.join(mountpoint, "disk.vhdx"), "before")
+    [copy] = copies_of(backend, [mountpoint])
+    backend.snapshot([copy])
+    write(os.path.join(mountpoint, "disk.vhdx"), "after")
+
+    exposed = backend.expose(copy, writable=False)
+    assert exposed == os.path.join(backend.mount_root, str(copy.copy_id))
+    assert read(os.path.join(exposed, "disk.vhdx")) == "before"
+    assert_refuses_writes(exposed)
+    assert backend.expose(copy, writable=False) == exposed
+    expected_tags = {SET_TAG: str(copy.set_id), COPY_TAG: str(copy.copy_id)}
+    assert local_tags(snapshot_name(copy)) == local_tags(clone_name(copy)) == expected_tags
+
+
+def test_set_of_three_datasets_is_one_snapshot_each_and_nothing_else(zfs_pool, backend):
+    paths = [zfs_pool.dataset(name)[1] for name in ("vms", "db", "home/alice")]
+    zfs_pool.dataset("scratch")  # in the pool, not in the set: gets no snapshot that stays
+    for path in paths:
+        write(os.path.join(path, "data"), f"old {path}")
+    copies = copies_of(backend, paths)
+    backend.snapshot(copies)
+    for path in paths:
+        write(os.path.join(path, "data"), "new")
+
+    assert sorted(zfs("list", "-H", "-t", "snapshot", "-r", "-o", "name", zfs_pool.name).split()) == \
+        sorted(snapshot_name(copy) for copy in copies)
+    for copy in copies:
+        assert local_tags(snapshot_name(copy)) == {SET_TAG: str(copy.set_id), COPY_TAG: str(copy.copy_id)}
+        exposed = backend.expose(copy, writable=False)
+        assert read(os.path.join(exposed, "data")) == f"old {copy.store.mountpoint}"
+
+
+def test_writable_copy_accepts_writes_until_made_read_only(zfs_pool, backend):
+    _, mountpoint = zfs_pool.dataset("vms")
+    [copy] = copies_of(backend, [mountpoint])
+    backend.snapshot([copy])
+    exposed = backend.expose(copy, writable=True)
+    write(os.path.join(exposed, "recovered"), "fixed by the application")
+    backend.make_read_only(copy)
+    backend.make_read_only(copy)
+    assert_refuses_writes(exposed)
+    assert read(os.path.join(exposed, "recovered")) == "fixed by the application"
+
+
+def test_usage_reports_bytes_of_snapshot_and_clone(zfs_pool, backend):
+    _, mountpoint = zfs_pool.dataset("vms")
+    [copy] = copies_of(backend, [mountpoint])
+    backend.snapshot([copy])
+    assert list(backend.usage(copy)) == ["snapshot"]
+    backend.expose(copy, writable=False)
+    usage = backend.usage(copy)
+    assert sorted(usage) == ["clone", "snapshot"] and all(isinstance(used, int) for used in usage.values())
+
+
+# -- removal and reconciliation ---------------------------------------------------------------
+
+def test_remove_leaves_nothing_of_ours_and_can_be_repeated(zfs_pool, backend):
+    paths = [zfs_pool.dataset(name)[1] for name in ("vms", "db")]
+    copies = copies_of(backend, paths)
+    backend.snapshot(copies)
+    exposed = [backend.expose(copy, writable=True) for copy in copies]
+    for copy, path in zip(copies, exposed):
+        write(os.path.join(path, "touched"), "keeps the clone busy for a moment")
+        backend.remove(copy)
+        backend.remove(copy)
+    assert ours(zfs_pool) == []
+    assert not any(os.path.exists(path) for path in exposed)
+
+
+def test_remove_refuses_an_untagged_snapshot_with_our_name(zfs_pool, backend):
+    _, mountpoint = zfs_pool.dataset("vms")
+    [copy] = copies_of(backend, [mountpoint])
+    zfs("snapshot", snapshot_name(copy))
+    with pytest.raises(BackendError, match=snapshot_name(copy)):
+        backend.remove(copy)
+    assert ours(zfs_pool) == [snapshot_name(copy)]
+
+
+def test_owned_finds_everything_and_remove_owned_cleans_it(zfs_pool, backend):
+    paths = [zfs_pool.dataset(name)[1] for name in ("vms", "db")]
+    copies = copies_of(backend, paths)
+    backend.snapshot(copies)
+    backend.expose(copies[0], writable=False)
+
+    found = [obj for obj in backend.owned() if obj.name.startswith(zfs_pool.name + "/")]
+    expected = [("clone", clone_name(copies[0]))] + sorted(("snapshot", snapshot_name(copy)) for copy in copies)
+    assert [(obj.kind, obj.name) for obj in found] == expected
+    assert all(obj.set_id == copies[0].set_id for obj in found)
+    assert {obj.copy_id for obj in found} == {copy.copy_id for copy in copies}
+    for obj in found:
+        backend.remove_owned(obj)
+    assert ours(zfs_pool) == []
+
+
+# -- failures on a real full pool -------------------------------------------------------------
+
+def test_snapshot_into_a_full_pool_leaves_nothing_in_any_pool(zfs_pool, backend):
+    _, healthy = zfs_pool.dataset("vms")
+    with FilePool(size_mib=64) as small_pool:
+        crowded = [small_pool.dataset(name)[1] for name in ("data", "logs")]
+        copies = copies_of(backend, [healthy, *crowded])  # the healthy pool's snapshot is taken first
+        fill(crowded[0])
+        with pytest.raises(BackendError) as failure:
+            backend.snapshot(copies)
+        assert failure.value.out_of_space
+        assert ours(zfs_pool) == [] and ours(small_pool) == []
+
+
+def test_expose_in_a_full_pool_fails_and_leaves_only_the_removable_snapshot(backend):
+    with FilePool(size_mib=64) as small_pool:
+        _, crowded = small_pool.dataset("data")
+        [copy] = copies_of(backend, [crowded])
+        backend.snapshot([copy])
+        fill(crowded)
+        with pytest.raises(BackendError) as failure:
+            backend.expose(copy, writable=False)
+        assert failure.value.out_of_space
+        assert ours(small_pool) == [snapshot_name(copy)]
+        backend.remove(copy)
+        assert ours(small_pool) == []
