@@ -90,6 +90,10 @@ class Backend(abc.ABC):
         """Turn a writable exposure read-only at the storage level (idempotent)."""
 
     @abc.abstractmethod
+    def remove_exposure(self, copy: ShadowCopyRef) -> None:
+        """Remove the copy's exposure but keep its snapshot, only if ours (idempotent)."""
+
+    @abc.abstractmethod
     def remove(self, copy: ShadowCopyRef) -> None:
         """Remove the copy's exposure and snapshot, only if they carry our tags (idempotent)."""
 

@@ -346,9 +346,15 @@ class ZfsBackend(Backend):
 
     # -- removal -----------------------------------------------------------------------------
 
+    def remove_exposure(self, copy: ShadowCopyRef) -> None:
+        self._remove(copy, [clone_name(copy)])
+
     def remove(self, copy: ShadowCopyRef) -> None:
+        self._remove(copy, [clone_name(copy), snapshot_name(copy)])
+
+    def _remove(self, copy: ShadowCopyRef, names: list[str]) -> None:
         with _failing_as(f"removing shadow copy {copy.copy_id}"):
-            self._destroy_if_ours([clone_name(copy), snapshot_name(copy)], copy.set_id, copy.copy_id)
+            self._destroy_if_ours(names, copy.set_id, copy.copy_id)
         _remove_empty_directory(os.path.join(self.mount_root, str(copy.copy_id)))
 
     def owned(self) -> list[OwnedObject]:

@@ -1,0 +1,33 @@
+# fsrvpd — the two commands a newcomer needs: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := zfs-fuse samba-common-bin smbclient
+DEMO_DIR ?= /var/tmp/fsrvpd-demo
+
+.PHONY: deps demo test check-config clean
+
+# Idempotent: Debian packages for the real peers and storage, a venv with fsrvpd installed.
+deps: $(VENV)/.installed
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+# A working demo: file-backed ZFS pool, share `vms`, user backup/backup, embedded SMB on 127.0.0.1:1445.
+demo: deps
+	DEMO_DIR=$(DEMO_DIR) FSRVPD=$(VENV)/bin/fsrvpd scripts/demo.sh
+
+# The whole suite; .ci/run calls exactly this.
+test: deps
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,253 @@
+"""The daemon's YAML configuration: parsed once, checked whole, reported by file, line and key.
+
+A bad file must stop the daemon before anything starts, with a message an admin can act on
+(`/etc/fsrvpd/fsrvpd.yaml:12: shares.vms.path: must be an absolute path`), so parsing works on
+YAML nodes (which carry line numbers) rather than on plain Python values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+
+import yaml
+
+DEFAULT_STATE_DIR = "/var/lib/fsrvpd"
+BACKENDS = ("zfs",)
+FRONT_DOORS = ("embedded",)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# SMB share names: printable, no path or wildcard characters; '@' is kept for snapshot shares.
+SHARE_NAME = re.compile(r"^[^\x00-\x1f\"\\/\[\]:|<>+=;,*?@{}]{1,80}$")
+NETBIOS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,14}$")
+NT_HASH = re.compile(r"^[0-9a-fA-F]{32}$")
+
+
+class ConfigError(Exception):
+    """A problem in the configuration file, located by line and dotted key."""
+
+    def __init__(self, source: str, line: int | None, key: str, message: str):
+        self.source, self.line, self.key = source, line, key
+        where = f"{source}:{line}" if line else source
+        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShareConfig:
+    name: str
+    path: str
+    backend: str
+    store: str | None  # explicit dataset/volume; None = detect from the path
+    comment: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    source: str
+    netbios_name: str
+    fqdn: str | None
+    aliases: tuple[str, ...]
+    front_door: str
+    listen: str
+    port: int
+    domain: str
+    users: dict[str, str]  # user name -> NT hash (hex)
+    state_dir: str
+    mount_root: str
+    sequence_timeout: float
+    sequence_timeout_long: float
+    command_timeout: float
+    shares: dict[str, ShareConfig]  # keyed by casefolded share name
+    log_level: str
+
+    def share(self, name: str) -> ShareConfig | None:
+        """SMB share names are case-insensitive."""
+        return self.shares.get(name.casefold())
+
+    def own_host_names(self) -> set[str]:
+        """Every name or address a UNC may use to mean this server (casefolded)."""
+        names = {self.netbios_name, *self.aliases, "localhost", "127.0.0.1", "::1"}
+        if self.fqdn:
+            names.add(self.fqdn)
+        if self.listen not in ("0.0.0.0", "::"):
+            names.add(self.listen)
+        return {name.casefold() for name in names}
+
+
+class _Section:
+    """A YAML mapping being read: typed getters that know the key's line, and unknown-key checks."""
+
+    def __init__(self, source: str, node: yaml.Node | None, path: str):
+        self.source, self.path = source, path
+        self.line = node.start_mark.line + 1 if node is not None else None
+        if node is not None and not isinstance(node, yaml.MappingNode):
+            raise ConfigError(source, self.line, path or "(top level)", "must be a mapping of keys to values")
+        self.items: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value if node is not None else []:
+            key = str(key_node.value)
+            if key in self.items:
+                raise ConfigError(source, key_node.start_mark.line + 1, self._key(key), "appears twice")
+            self.items[key] = value_node
+        self.used: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, message: str) -> ConfigError:
+        node = self.items.get(key)
+        return ConfigError(self.source, node.start_mark.line + 1 if node else self.line, self._key(key), message)
+
+    def _scalar(self, key: str, required: bool) -> yaml.ScalarNode | None:
+        self.used.add(key)
+        node = self.items.get(key)
+        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
+            if required:
+                raise self.error(key, "is required")
+            return None
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.error(key, "must be a single value, not a list or mapping")
+        return node
+
+    def text(self, key: str, default: str | None = None, required: bool = False, pattern: re.Pattern | None = None,
+             hint: str = "") -> str | None:
+        node = self._scalar(key, required)
+        if node is None:
+            return default
+        value = str(node.value)
+        if pattern is not None and not pattern.match(value):
+            raise self.error(key, f"{value!r} is not valid{': ' + hint if hint else ''}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.text(key, default)
+        if value not in choices:
+            raise self.error(key, f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def number(self, key: str, default: float, minimum: float, maximum: float, integer: bool = False) -> float:
+        node = self._scalar(key, False)
+        if node is None:
+            return default
+        try:
+            value = int(node.value) if integer else float(node.value)
+        except ValueError:
+            raise self.error(key, f"{node.value!r} is not a {'whole ' if integer else ''}number") from None
+        if not minimum <= value <= maximum:
+            raise self.error(key, f"{value} is outside {minimum}..{maximum}")
+        return value
+
+    def absolute_path(self, key: str, default: str | None = None, required: bool = False) -> str | None:
+        value = self.text(key, default, required)
+        if value is not None and not os.path.isabs(value):
+            raise self.error(key, f"{value!r} must be an absolute path")
+        return os.path.normpath(value) if value is not None else None
+
+    def text_list(self, key: str) -> tuple[str, ...]:
+        self.used.add(key)
+        node = self.items.get(key)
+        if node is None:
+            return ()
+        if not isinstance(node, yaml.SequenceNode) or not all(isinstance(n, yaml.ScalarNode) for n in node.value):
+            raise self.error(key, "must be a list of names")
+        return tuple(str(n.value) for n in node.value)
+
+    def section(self, key: str) -> _Section:
+        self.used.add(key)
+        node = self.items.get(key)
+        if node is not None and isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
+            node = None
+        return _Section(self.source, node, self._key(key))
+
+    def subsections(self, key: str) -> list[tuple[str, _Section]]:
+        parent = self.section(key)
+        parent.used.update(parent.items)
+        return [(name, parent.section(name)) for name in parent.items]
+
+    def finish(self) -> None:
+        """Unknown keys are errors: a typo must not silently fall back to a default."""
+        for key in self.items:
+            if key not in self.used:
+                raise self.error(key, "is not a known setting")
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    """Parse and check a whole configuration; raise ConfigError at the first problem."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(source, mark.line + 1 if mark else None, "", f"not valid YAML: {exc}") from None
+    top = _Section(source, root, "")
+
+    server = top.section("server")
+    netbios_name = server.text("netbios_name", "FSRVPD", pattern=NETBIOS_NAME,
+                               hint="1-15 letters, digits, '-' or '_'").upper()
+    fqdn = server.text("fqdn")
+    aliases = server.text_list("aliases")
+    domain = server.text("domain", "WORKGROUP")
+    server.finish()
+
+    front = top.section("front_door")
+    mode = front.choice("mode", FRONT_DOORS, "embedded")
+    listen = front.text("listen", "0.0.0.0")
+    try:
+        ipaddress.ip_address(listen)
+    except ValueError:
+        raise front.error("listen", f"{listen!r} is not an IP address") from None
+    port = int(front.number("port", 445, 1, 65535, integer=True))
+    front.finish()
+
+    users = {}
+    for name, user in top.subsections("users"):
+        nt_hash = user.text("nt_hash", required=True, pattern=NT_HASH,
+                            hint="32 hex digits; make one with `fsrvpd nt-hash`")
+        users[name] = nt_hash.lower()
+        user.finish()
+
+    state_dir = top.absolute_path("state_dir", DEFAULT_STATE_DIR)
+    mount_root = top.absolute_path("mount_root", os.path.join(state_dir, "mnt"))
+
+    timers = top.section("timers")
+    sequence_timeout = timers.number("sequence_seconds", 180, 1, 86400)
+    sequence_timeout_long = timers.number("sequence_long_seconds", 1800, 1, 86400)
+    timers.finish()
+
+    storage = top.section("storage")
+    command_timeout = storage.number("command_timeout_seconds", 60, 1, 3600)
+    storage.finish()
+
+    shares: dict[str, ShareConfig] = {}
+    for name, share in top.subsections("shares"):
+        if not SHARE_NAME.match(name):
+            raise top.section("shares").error(name, "is not a valid SMB share name")
+        if name.casefold() in shares:
+            raise top.section("shares").error(name, "differs from another share only in case")
+        backend = share.choice("backend", BACKENDS, "zfs")
+        shares[name.casefold()] = ShareConfig(
+            name=name,
+            path=share.absolute_path("path", required=True),
+            backend=backend,
+            store=share.text("dataset"),
+            comment=share.text("comment", ""),
+        )
+        share.finish()
+
+    logging_section = top.section("logging")
+    log_level = logging_section.choice("level", LOG_LEVELS, "info")
+    logging_section.finish()
+    top.finish()
+
+    return Config(source=source, netbios_name=netbios_name, fqdn=fqdn, aliases=aliases, front_door=mode,
+                  listen=listen, port=port, domain=domain, users=users, state_dir=state_dir, mount_root=mount_root,
+                  sequence_timeout=sequence_timeout, sequence_timeout_long=sequence_timeout_long,
+                  command_timeout=command_timeout, shares=shares, log_level=log_level)
+
+
+def load(path: str) -> Config:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError(path, None, "", f"cannot read: {exc.strerror}") from None
+    return parse(text, path)
