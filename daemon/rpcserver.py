@@ -33,12 +33,10 @@ async def serve_pipe(service: FsrvpService, reader: asyncio.StreamReader, writer
             if not data:
                 break
             for event in connection.receive_data(data):
-                if connection.closed:
-                    break
-                if isinstance(event, dcerpc.RpcCall):
-                    await answer(service, connection, event, caller)
-                elif isinstance(event, dcerpc.ConnectionClosed):
+                if isinstance(event, dcerpc.ConnectionClosed):
                     log.info("closing pipe of %s: %s", caller.address, event.reason)
+                elif not connection.closed:
+                    await answer(service, connection, event, caller)
             writer.write(connection.data_to_send())
             await writer.drain()
     except (ConnectionError, asyncio.IncompleteReadError):

@@ -17,7 +17,6 @@ from fsrvpd.backends.zfs import COPY_TAG, SET_TAG, ZfsBackend, clone_name, snaps
 from fsrvpd.runner import CommandRunner
 from tests.support.zfs import FilePool, zfs
 
-pytest_plugins = ["tests.support.zfs"]  # the zfs_daemon and zfs_pool fixtures
 pytestmark = pytest.mark.zfs
 
 

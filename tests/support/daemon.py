@@ -1,0 +1,158 @@
+"""fsrvpd as the tests meet it: a real daemon process on a real (zfs-fuse) pool, real clients.
+
+`FsrvpDaemon` writes a private config (a free port on 127.0.0.1, user backup/backup, one dataset
+per share), starts `python -m fsrvpd run` and waits for its SMB port; `rpcclient`, `smbclient`
+and `client` talk to it the way an admin or a backup tool would.  Fixture `daemon` gives one per
+test on a fresh pool, with shares `vms` and `sql`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fsrvpd.cli import nt_hash
+from fsrvpd.client import FsrvpClient
+from tests.support.zfs import FilePool
+
+USER = PASSWORD = "backup"
+NETBIOS_NAME = "FSRVPTEST"
+START_SECONDS = 30.0
+STOP_SECONDS = 30.0
+PEER_PACKAGES = {"rpcclient": "samba-common-bin", "smbclient": "smbclient"}
+
+__all__ = ["FsrvpDaemon", "daemon", "samba_clients", "free_port", "USER", "PASSWORD", "NETBIOS_NAME"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def ensure_samba_clients() -> None:
+    """rpcclient and smbclient from Debian, installed once if missing (idempotent)."""
+    missing = [package for tool, package in PEER_PACKAGES.items() if shutil.which(tool) is None]
+    if missing:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=env)
+
+
+class FsrvpDaemon:
+    """One fsrvpd process with its own config, state directory and log file."""
+
+    def __init__(self, pool: FilePool, directory: Path, shares: tuple[str, ...] = ("vms", "sql"),
+                 sequence_seconds: float = 180, sequence_long_seconds: float = 1800):
+        self.pool = pool
+        self.directory = directory
+        self.port = free_port()
+        self.config_path = directory / "fsrvpd.yaml"
+        self.log_path = directory / "fsrvpd.log"
+        self.paths: dict[str, str] = {}
+        self.datasets: dict[str, str] = {}
+        for share in shares:
+            self.datasets[share], self.paths[share] = pool.dataset(share)
+        self.config = {
+            "server": {"netbios_name": NETBIOS_NAME},
+            "front_door": {"mode": "embedded", "listen": "127.0.0.1", "port": self.port},
+            "users": {USER: {"nt_hash": nt_hash(PASSWORD)}},
+            "state_dir": str(directory / "state"),
+            "mount_root": os.path.join(pool.directory, "snapshots"),
+            "timers": {"sequence_seconds": sequence_seconds, "sequence_long_seconds": sequence_long_seconds},
+            "shares": {share: {"path": path, "backend": "zfs"} for share, path in self.paths.items()},
+            "logging": {"level": "debug"},
+        }
+        self.process: subprocess.Popen | None = None
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def start(self) -> FsrvpDaemon:
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "fsrvpd", "run", "-c", str(self.config_path)],
+                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + START_SECONDS
+        while not self._listening():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"fsrvpd did not start:\n{self.log()}")
+            time.sleep(0.1)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Stop the daemon (SIGTERM: clean; SIGKILL: a crash) and return its exit status."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        finally:
+            self.process = None
+
+    def restart(self) -> FsrvpDaemon:
+        self.stop()
+        return self.start()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _listening(self) -> bool:
+        with socket.socket() as probe:
+            probe.settimeout(0.2)
+            return probe.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # -- peers --------------------------------------------------------------------------------
+    def rpcclient(self, *commands: str, binding: str = "127.0.0.1") -> str:
+        """Samba's rpcclient; it exits 0 even when a call fails, so callers check its output."""
+        proc = subprocess.run(["rpcclient", "-p", str(self.port), "-U", f"{USER}%{PASSWORD}", binding,
+                               "-c", "; ".join(commands)], capture_output=True, text=True, timeout=120)
+        return proc.stdout + proc.stderr
+
+    def smbclient(self, share: str, command: str, user: str = USER, password: str = PASSWORD) -> str:
+        proc = subprocess.run(["smbclient", "-p", str(self.port), "-U", f"{user}%{password}",
+                               f"//127.0.0.1/{share}", "-c", command], capture_output=True, text=True, timeout=120)
+        return proc.stdout + proc.stderr
+
+    def client(self, **kwargs) -> FsrvpClient:
+        """Our own client, connected; host names in UNCs are the NetBIOS name unless told otherwise."""
+        client = FsrvpClient("127.0.0.1", self.port, USER, PASSWORD, server_name=kwargs.pop("server_name", NETBIOS_NAME),
+                             timeout=60, **kwargs)
+        client.connect()
+        return client
+
+
+def ours_on_storage(pool: FilePool) -> list[str]:
+    """Every dataset or snapshot of the pool that fsrvpd made (by name), as `zfs list -t all` shows."""
+    listing = subprocess.run(["zfs", "list", "-H", "-t", "all", "-o", "name", "-r", pool.name],
+                             capture_output=True, text=True, check=True).stdout.split()
+    return [name for name in listing if "fsrvpd-" in name]
+
+
+@pytest.fixture(scope="session")
+def samba_clients():
+    ensure_samba_clients()
+
+
+@pytest.fixture
+def daemon(zfs_pool, tmp_path, samba_clients):
+    """A running fsrvpd on a fresh pool with shares vms and sql; stopped (cleanly) afterwards."""
+    running = FsrvpDaemon(zfs_pool, tmp_path).start()
+    yield running
+    status = running.stop()
+    if status not in (0, None):
+        print(running.log())
