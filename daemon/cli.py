@@ -7,11 +7,11 @@ import asyncio
 import getpass
 import logging
 import signal
-import socket
 import sys
 
 from . import __version__
 from .config import Config, ConfigError, load
+from .hostnames import host_names_and_addresses
 
 DEFAULT_CONFIG = "/etc/fsrvpd/fsrvpd.yaml"
 EXIT_CONFIG = 2
@@ -40,7 +40,7 @@ async def serve(config: Config) -> None:
     backends = {"zfs": ZfsBackend(runner, config.mount_root, config.command_timeout)}
     front_door = EmbeddedFrontDoor(config.listen, config.port, config.users, config.netbios_name, config.domain)
     store = StateStore(config.state_dir)
-    service = FsrvpService(config, store, backends, front_door, extra_host_names={socket.gethostname()})
+    service = FsrvpService(config, store, backends, front_door, extra_host_names=host_names_and_addresses())
     await service.start()
     for share in config.shares.values():
         await front_door.publish_share(ShareSpec(share.name, share.path, read_only=False, comment=share.comment))
