@@ -36,12 +36,12 @@ import contextlib
 import logging
 import os
 import re
-import time
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from fsrvpd.backends.base import Backend, BackendError, FileStore, NotSupported, OwnedObject, ShadowCopyRef
+from fsrvpd.backends.host import Mount, is_below, read_mounts, remove_empty_directory, retry_while_busy
 from fsrvpd.runner import CommandFailed, CommandRunner
 
 log = logging.getLogger("fsrvpd.backends.zfs")
@@ -50,7 +50,6 @@ SET_TAG = "fsrvpd:set"
 COPY_TAG = "fsrvpd:copy"
 NAME_PREFIX = "fsrvpd-"
 ZFS_MOUNT_TYPES = {"zfs", "fuse.zfs"}  # OpenZFS, zfs-fuse
-BUSY_RETRY_SECONDS = 10.0  # smbd keeps a just-unshared clone busy for a moment
 
 _OUR_CLONE = re.compile(rf"^[^/@]+/{NAME_PREFIX}[0-9a-f-]{{36}}$")
 
@@ -155,28 +154,6 @@ def _options(properties: dict[str, str]) -> list[str]:
     return [arg for prop, value in properties.items() for arg in ("-o", f"{prop}={value}")]
 
 
-class Mount(NamedTuple):
-    mountpoint: str
-    fstype: str
-    source: str
-
-
-def read_mounts() -> list[Mount]:
-    """This process's mounts in mount order (a later one at the same point is on top)."""
-    mounts = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mountinfo:
-        for line in mountinfo:
-            before, _, after = line.partition(" - ")
-            fstype, source = after.split()[:2]
-            mounts.append(Mount(_unescape(before.split()[4]), fstype, _unescape(source)))
-    return mounts
-
-
-def _unescape(field: str) -> str:
-    """Undo mountinfo's octal escapes of blanks and backslashes."""
-    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
-
-
 def snapshot_name(copy: ShadowCopyRef) -> str:
     return f"{copy.store.name}@{NAME_PREFIX}{copy.set_id}"
 
@@ -241,7 +218,7 @@ class ZfsBackend(Backend):
             raise NotSupported(f"ZFS dataset {unmounted[0]} belongs at {path} but is not mounted")
         if not os.path.isdir(path):
             raise NotSupported(f"{path} is not a directory")
-        enclosing = max((m for m in mounts if _is_below(path, m.mountpoint)), key=lambda m: len(m.mountpoint))
+        enclosing = max((m for m in mounts if is_below(path, m.mountpoint)), key=lambda m: len(m.mountpoint))
         raise NotSupported(f"{path} is a directory inside {enclosing.source} (mounted at {enclosing.mountpoint}), "
                            "not the root of a ZFS dataset. Give the share its own dataset.")
 
@@ -258,11 +235,11 @@ class ZfsBackend(Backend):
         Our own clones and OpenZFS's automounted .zfs/snapshot entries are not part of the share.
         """
         found = {f"{m.source} at {m.mountpoint}" for m in mounts
-                 if _is_below(m.mountpoint, path) and m.mountpoint != path
+                 if is_below(m.mountpoint, path) and m.mountpoint != path
                  and not (m.fstype in ZFS_MOUNT_TYPES and _OUR_CLONE.match(m.source))
-                 and not _is_below(m.mountpoint, os.path.join(path, ".zfs"))}
+                 and not is_below(m.mountpoint, os.path.join(path, ".zfs"))}
         found |= {f"{fs.name} at {fs.mountpoint}" for fs in filesystems
-                  if _is_below(fs.mountpoint, path) and fs.mountpoint != path
+                  if is_below(fs.mountpoint, path) and fs.mountpoint != path
                   and fs.canmount != "off" and not _OUR_CLONE.match(fs.name)}
         return sorted(found)
 
@@ -355,7 +332,7 @@ class ZfsBackend(Backend):
     def _remove(self, copy: ShadowCopyRef, names: list[str]) -> None:
         with _failing_as(f"removing shadow copy {copy.copy_id}"):
             self._destroy_if_ours(names, copy.set_id, copy.copy_id)
-        _remove_empty_directory(os.path.join(self.mount_root, str(copy.copy_id)))
+        remove_empty_directory(os.path.join(self.mount_root, str(copy.copy_id)))
 
     def owned(self) -> list[OwnedObject]:
         """Every tagged snapshot and clone, clones first (a snapshot cannot go before its clones)."""
@@ -384,23 +361,15 @@ class ZfsBackend(Backend):
         for name in (name for name in names if name in found):
             self._destroy(name)
             if "@" not in name:
-                _remove_empty_directory(found[name]["mountpoint"])
+                remove_empty_directory(found[name]["mountpoint"])
 
     def _destroy(self, name: str) -> None:
         """`zfs destroy` that waits out a dataset busy for a moment; a missing one is fine."""
-        deadline = time.monotonic() + BUSY_RETRY_SECONDS
-        delay = 0.05
-        while True:
-            try:
-                self.zfs.destroy(name)
-                return
-            except ZfsError as exc:
-                if exc.missing:
-                    return
-                if not exc.busy or time.monotonic() + delay > deadline:
-                    raise
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
+        try:
+            retry_while_busy(lambda: self.zfs.destroy(name), lambda exc: isinstance(exc, ZfsError) and exc.busy)
+        except ZfsError as exc:
+            if not exc.missing:
+                raise
 
 
 def _require_ours(name: str, props: dict[str, str], set_id: uuid.UUID, copy_id: uuid.UUID | None) -> None:
@@ -416,18 +385,3 @@ def _require_ours(name: str, props: dict[str, str], set_id: uuid.UUID, copy_id: 
 
 def _is_zfs_mount_of(mount: Mount | None, dataset: str) -> bool:
     return mount is not None and mount.fstype in ZFS_MOUNT_TYPES and mount.source == dataset
-
-
-def _is_below(path: str, directory: str) -> bool:
-    """Whether `path` is `directory` or inside it."""
-    return path == directory or path.startswith(directory.rstrip("/") + "/")
-
-
-def _remove_empty_directory(path: str) -> None:
-    """Remove a clone's mountpoint directory; one that holds anything stays (and is logged)."""
-    try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("left directory %s in place: %s", path, exc.strerror)

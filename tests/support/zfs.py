@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from fsrvpd.backends.zfs import read_mounts
+from fsrvpd.backends.host import read_mounts
 
 __all__ = ["FilePool", "ensure_zfs", "zfs", "zfs_daemon", "zfs_pool"]
 

@@ -1,0 +1,73 @@
+"""What every backend needs from the host: the mount table, mount-point directories, and patience
+with objects that are busy for a moment (smbd or our own SMB server may still hold a file of a
+share it just stopped serving).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from typing import Callable, NamedTuple, TypeVar
+
+log = logging.getLogger("fsrvpd.backends")
+
+BUSY_RETRY_SECONDS = 10.0
+
+T = TypeVar("T")
+
+
+class Mount(NamedTuple):
+    mountpoint: str
+    fstype: str
+    source: str
+    device: str  # "major:minor" of the mounted block device (st_dev for others)
+    options: frozenset[str]  # per-mount options: "ro" or "rw", ...
+
+
+def read_mounts() -> list[Mount]:
+    """This process's mounts in mount order (a later one at the same point is on top)."""
+    mounts = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mountinfo:
+        for line in mountinfo:
+            before, _, after = line.partition(" - ")
+            fields = before.split()
+            fstype, source = after.split()[:2]
+            mounts.append(Mount(_unescape(fields[4]), fstype, _unescape(source), fields[2],
+                                frozenset(fields[5].split(","))))
+    return mounts
+
+
+def _unescape(field: str) -> str:
+    """Undo mountinfo's octal escapes of blanks and backslashes."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
+
+
+def is_below(path: str, directory: str) -> bool:
+    """Whether `path` is `directory` or inside it."""
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def remove_empty_directory(path: str) -> None:
+    """Remove an exposure's mountpoint directory; one that holds anything stays (and is logged)."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("left directory %s in place: %s", path, exc.strerror)
+
+
+def retry_while_busy(action: Callable[[], T], busy: Callable[[Exception], bool]) -> T:
+    """Run `action`, retrying with a growing pause for up to BUSY_RETRY_SECONDS while it fails busy."""
+    deadline = time.monotonic() + BUSY_RETRY_SECONDS
+    delay = 0.05
+    while True:
+        try:
+            return action()
+        except Exception as exc:
+            if not busy(exc) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
