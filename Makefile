@@ -2,8 +2,9 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := zfs-fuse samba-common-bin smbclient
+APT_PACKAGES := zfs-fuse samba-common-bin smbclient lvm2 thin-provisioning-tools xfsprogs
 DEMO_DIR ?= /var/tmp/fsrvpd-demo
+BACKEND ?= zfs
 
 .PHONY: deps demo test check-config clean
 
@@ -21,9 +22,10 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
-# A working demo: file-backed ZFS pool, share `vms`, user backup/backup, embedded SMB on 127.0.0.1:1445.
+# A working demo: share `vms`, user backup/backup, embedded SMB on 127.0.0.1:1445, on a file-backed
+# ZFS pool, or with BACKEND=lvm on a thin pool (needs device-mapper: see scripts/demo.sh).
 demo: deps
-	DEMO_DIR=$(DEMO_DIR) FSRVPD=$(VENV)/bin/fsrvpd scripts/demo.sh
+	BACKEND=$(BACKEND) DEMO_DIR=$(DEMO_DIR) FSRVPD=$(VENV)/bin/fsrvpd scripts/demo.sh
 
 # The whole suite; .ci/run calls exactly this.
 test: deps

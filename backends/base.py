@@ -89,6 +89,13 @@ class Backend(abc.ABC):
     def make_read_only(self, copy: ShadowCopyRef) -> None:
         """Turn a writable exposure read-only at the storage level (idempotent)."""
 
+    def failing(self, copies: list[ShadowCopyRef]) -> dict[uuid.UUID, str]:
+        """Copies whose snapshot can no longer be served (an overflowed COW snapshot), with the reason.
+
+        Storage without such a failure mode has nothing to report.
+        """
+        return {}
+
     @abc.abstractmethod
     def remove_exposure(self, copy: ShadowCopyRef) -> None:
         """Remove the copy's exposure but keep its snapshot, only if ours (idempotent)."""

@@ -11,6 +11,8 @@ import re
 import time
 from typing import Callable, NamedTuple, TypeVar
 
+from fsrvpd.runner import CommandFailed, CommandRunner
+
 log = logging.getLogger("fsrvpd.backends")
 
 BUSY_RETRY_SECONDS = 10.0
@@ -71,3 +73,29 @@ def retry_while_busy(action: Callable[[], T], busy: Callable[[Exception], bool])
                 raise
         time.sleep(delay)
         delay = min(delay * 2, 1.0)
+
+
+def mount_busy(exc: Exception) -> bool:
+    return isinstance(exc, CommandFailed) and "busy" in exc.stderr
+
+
+class Mounter:
+    """`mount`, `umount` and `blkid`, through the command runner like every storage command."""
+
+    def __init__(self, runner: CommandRunner, timeout: float):
+        self.runner = runner
+        self.timeout = timeout
+
+    def fstype(self, device: str) -> str:
+        """The file system type on `device`, probed from the device itself (no blkid cache)."""
+        return self.runner.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device], timeout=self.timeout).stdout.strip()
+
+    def mount(self, device: str, mountpoint: str, fstype: str, options: str) -> None:
+        self.runner.run(["mount", "-t", fstype, "-o", options, device, mountpoint], timeout=self.timeout)
+
+    def remount_read_only(self, mountpoint: str) -> None:
+        self.runner.run(["mount", "-o", "remount,ro", mountpoint], timeout=self.timeout)
+
+    def unmount(self, mountpoint: str) -> None:
+        """Unmount, waiting out a file server that still holds a file of it for a moment."""
+        retry_while_busy(lambda: self.runner.run(["umount", mountpoint], timeout=self.timeout), mount_busy)

@@ -28,6 +28,7 @@ def nt_hash(password: str) -> str:
 
 async def serve(config: Config) -> None:
     """Build the daemon from its parts, serve until SIGINT/SIGTERM, then stop cleanly."""
+    from .backends.lvm import LvmBackend
     from .backends.zfs import ZfsBackend
     from .rpcserver import serve_pipe
     from .runner import CommandRunner
@@ -38,6 +39,10 @@ async def serve(config: Config) -> None:
 
     runner = CommandRunner(default_timeout=config.command_timeout)
     backends = {"zfs": ZfsBackend(runner, config.mount_root, config.command_timeout)}
+    lvm_shares = [share for share in config.shares.values() if share.backend == "lvm"]
+    if lvm_shares:  # hosts without LVM shares never run lvm2 commands
+        backends["lvm"] = LvmBackend(runner, config.mount_root, config.command_timeout,
+                                     {share.path: share.snapshot_size for share in lvm_shares})
     front_door = EmbeddedFrontDoor(config.listen, config.port, config.users, config.netbios_name, config.domain)
     store = StateStore(config.state_dir)
     service = FsrvpService(config, store, backends, front_door, extra_host_names=host_names_and_addresses())

@@ -14,8 +14,12 @@ import re
 
 import yaml
 
+from .backends.lvm import DEFAULT_SNAPSHOT_SIZE, SnapshotSize
+
 DEFAULT_STATE_DIR = "/var/lib/fsrvpd"
-BACKENDS = ("zfs",)
+BACKENDS = ("zfs", "lvm")
+STORE_KEYS = {"zfs": "dataset", "lvm": "volume"}  # the share key that names its store explicitly
+LVM_VOLUME = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]*/[A-Za-z0-9+_.][A-Za-z0-9+_.-]*$")
 FRONT_DOORS = ("embedded",)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # SMB share names: printable, no path or wildcard characters; '@' is kept for snapshot shares.
@@ -40,6 +44,7 @@ class ShareConfig:
     backend: str
     store: str | None  # explicit dataset/volume; None = detect from the path
     comment: str
+    snapshot_size: SnapshotSize | None = None  # classic (thick) LVM volumes only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +62,7 @@ class Config:
     mount_root: str
     sequence_timeout: float
     sequence_timeout_long: float
+    sweep_interval: float
     command_timeout: float
     shares: dict[str, ShareConfig]  # keyed by casefolded share name
     log_level: str
@@ -171,6 +177,14 @@ class _Section:
                 raise self.error(key, "is not a known setting")
 
 
+def _snapshot_size(share: _Section) -> SnapshotSize:
+    text = share.text("snapshot_size", DEFAULT_SNAPSHOT_SIZE)
+    try:
+        return SnapshotSize.parse(text)
+    except ValueError as exc:
+        raise share.error("snapshot_size", str(exc)) from None
+
+
 def parse(text: str, source: str = "<config>") -> Config:
     """Parse and check a whole configuration; raise ConfigError at the first problem."""
     try:
@@ -211,6 +225,7 @@ def parse(text: str, source: str = "<config>") -> Config:
     timers = top.section("timers")
     sequence_timeout = timers.number("sequence_seconds", 180, 1, 86400)
     sequence_timeout_long = timers.number("sequence_long_seconds", 1800, 1, 86400)
+    sweep_interval = timers.number("sweep_seconds", 60, 1, 3600)
     timers.finish()
 
     storage = top.section("storage")
@@ -228,8 +243,10 @@ def parse(text: str, source: str = "<config>") -> Config:
             name=name,
             path=share.absolute_path("path", required=True),
             backend=backend,
-            store=share.text("dataset"),
+            store=share.text(STORE_KEYS[backend], pattern=LVM_VOLUME if backend == "lvm" else None,
+                             hint="VG/LV, like vg0/vms"),
             comment=share.text("comment", ""),
+            snapshot_size=_snapshot_size(share) if backend == "lvm" else None,
         )
         share.finish()
 
@@ -241,7 +258,7 @@ def parse(text: str, source: str = "<config>") -> Config:
     return Config(source=source, netbios_name=netbios_name, fqdn=fqdn, aliases=aliases, front_door=mode,
                   listen=listen, port=port, domain=domain, users=users, state_dir=state_dir, mount_root=mount_root,
                   sequence_timeout=sequence_timeout, sequence_timeout_long=sequence_timeout_long,
-                  command_timeout=command_timeout, shares=shares, log_level=log_level)
+                  sweep_interval=sweep_interval, command_timeout=command_timeout, shares=shares, log_level=log_level)
 
 
 def load(path: str) -> Config:

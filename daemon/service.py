@@ -28,7 +28,6 @@ from .unc import BadUnc, parse_unc
 
 log = logging.getLogger("fsrvpd.service")
 
-SWEEP_INTERVAL_SECONDS = 60.0
 GLOBALS_KEY = "globals"
 
 
@@ -95,12 +94,12 @@ class FsrvpService:
         await self.sweep()
 
     async def run_timers(self) -> None:
-        """Fire the Message Sequence Timer when due, and sweep orphans now and then."""
+        """Fire the Message Sequence Timer when due, and sweep now and then."""
         last_sweep = time.monotonic()
         while True:
             await asyncio.sleep(min(1.0, self.config.sequence_timeout / 4))
             await self.expire()
-            if time.monotonic() - last_sweep >= SWEEP_INTERVAL_SECONDS:
+            if time.monotonic() - last_sweep >= self.config.sweep_interval:
                 last_sweep = time.monotonic()
                 await self.sweep()
 
@@ -117,8 +116,10 @@ class FsrvpService:
                 await self._destroy(scs, scs.copies)
 
     async def sweep(self) -> None:
-        """Remove storage objects carrying our tags that no set in the state owns any more."""
+        """Remove storage objects carrying our tags that no set in the state owns any more, and
+        withdraw the shares of snapshots that broke."""
         async with self.lock:
+            await self._withdraw_failing()
             for backend in self.backends.values():
                 try:
                     owned = await asyncio.to_thread(backend.owned)
@@ -134,6 +135,28 @@ class FsrvpService:
                         await asyncio.to_thread(backend.remove_owned, obj)
                     except BackendError as exc:
                         log.error("cannot remove orphaned %s %s yet: %s", obj.kind, obj.name, exc)
+
+    async def _withdraw_failing(self) -> None:
+        """Unpublish exposed copies whose snapshot cannot be served any more (an overflowed COW
+        snapshot): clients get a clean "no such share" instead of read errors. The copy stays in the
+        state until the client deletes it."""
+        published = self.front_door.share_names()
+        exposed: dict[str, list[tuple[ShadowCopySet, ShadowCopy]]] = {}
+        for scs in self.machine.sets.values():
+            for copy in scs.copies:
+                if copy.exposed_name in published:
+                    exposed.setdefault(copy.store["backend"], []).append((scs, copy))
+        for backend_name, pairs in exposed.items():
+            try:
+                broken = await asyncio.to_thread(self.backends[backend_name].failing,
+                                                 [copy_ref(scs, copy) for scs, copy in pairs])
+            except BackendError as exc:
+                log.error("cannot check the exposed %s snapshots: %s", backend_name, exc)
+                continue
+            for scs, copy in pairs:
+                if copy.copy_id in broken:
+                    log.error("set %s: withdrawing share %s: %s", scs.set_id, copy.exposed_name, broken[copy.copy_id])
+                    await self.front_door.unpublish_share(copy.exposed_name)
 
     # -- dispatch -----------------------------------------------------------------------------
     async def handle(self, request, caller: Caller):

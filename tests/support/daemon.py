@@ -58,10 +58,9 @@ class FsrvpDaemon:
         self.port = free_port()
         self.config_path = directory / "fsrvpd.yaml"
         self.log_path = directory / "fsrvpd.log"
-        self.paths: dict[str, str] = {}
         self.datasets: dict[str, str] = {}
-        for share in shares:
-            self.datasets[share], self.paths[share] = pool.dataset(share)
+        share_configs = {share: self.create_share(share) for share in shares}
+        self.paths = {share: config["path"] for share, config in share_configs.items()}
         self.config = {
             "server": {"netbios_name": NETBIOS_NAME},
             "front_door": {"mode": "embedded", "listen": "127.0.0.1", "port": self.port},
@@ -69,10 +68,15 @@ class FsrvpDaemon:
             "state_dir": str(directory / "state"),
             "mount_root": os.path.join(pool.directory, "snapshots"),
             "timers": {"sequence_seconds": sequence_seconds, "sequence_long_seconds": sequence_long_seconds},
-            "shares": {share: {"path": path, "backend": "zfs"} for share, path in self.paths.items()},
+            "shares": share_configs,
             "logging": {"level": "debug"},
         }
         self.process: subprocess.Popen | None = None
+
+    def create_share(self, name: str) -> dict:
+        """Make the storage for share `name` on the pool and return the share's config."""
+        self.datasets[name], path = self.pool.dataset(name)
+        return {"path": path, "backend": "zfs"}
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> FsrvpDaemon:
