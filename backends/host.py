@@ -20,6 +20,27 @@ BUSY_RETRY_SECONDS = 10.0
 T = TypeVar("T")
 
 
+class StorageCommandError(Exception):
+    """A storage command failed; the flags say why in terms that do not depend on the command layer.
+
+    Subclasses give, per tool, the patterns of its messages (stderr) for each flag.
+    """
+
+    MISSING = BUSY = OUT_OF_SPACE = r"(?!)"
+
+    def __init__(self, message: str, missing: bool = False, busy: bool = False, out_of_space: bool = False):
+        super().__init__(message)
+        self.missing = missing
+        self.busy = busy
+        self.out_of_space = out_of_space
+
+    @classmethod
+    def from_command(cls, failure: CommandFailed) -> StorageCommandError:
+        def says(pattern: str) -> bool:
+            return re.search(pattern, failure.stderr, re.I) is not None
+        return cls(str(failure), missing=says(cls.MISSING), busy=says(cls.BUSY), out_of_space=says(cls.OUT_OF_SPACE))
+
+
 class Mount(NamedTuple):
     mountpoint: str
     fstype: str

@@ -50,7 +50,7 @@ from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from fsrvpd.backends.base import Backend, BackendError, FileStore, NotSupported, OwnedObject, ShadowCopyRef
-from fsrvpd.backends.host import Mount, Mounter, is_below, read_mounts, remove_empty_directory, retry_while_busy
+from fsrvpd.backends.host import Mount, Mounter, StorageCommandError, is_below, read_mounts, remove_empty_directory, retry_while_busy
 from fsrvpd.runner import CommandFailed, CommandRunner
 
 log = logging.getLogger("fsrvpd.backends.lvm")
@@ -68,22 +68,10 @@ LVS_FIELDS = ("vg_name", "lv_name", "lv_attr", "origin", "pool_lv", "lv_tags", "
               "vg_free", "vg_extent_size", "lv_kernel_major", "lv_kernel_minor")
 
 
-class LvmError(Exception):
-    """An lvm2 command failed; the flags say why in terms that do not depend on the command layer."""
-
-    def __init__(self, message: str, missing: bool = False, busy: bool = False, out_of_space: bool = False):
-        super().__init__(message)
-        self.missing = missing
-        self.busy = busy
-        self.out_of_space = out_of_space
-
-    @classmethod
-    def from_command(cls, message: str, stderr: str) -> LvmError:
-        return cls(message,
-                   missing=re.search(r"not found|Failed to find|does not exist", stderr) is not None,
-                   busy=re.search(r"in use|busy|open logical volume", stderr, re.I) is not None,
-                   out_of_space=re.search(r"insufficient (free|suitable)|reached threshold|out of (data|metadata) "
-                                          r"space|no space", stderr, re.I) is not None)
+class LvmError(StorageCommandError):
+    MISSING = "not found|failed to find|does not exist"
+    BUSY = "in use|busy|open logical volume"
+    OUT_OF_SPACE = "insufficient (free|suitable)|reached threshold|out of (data|metadata) space|no space"
 
 
 class LogicalVolume(NamedTuple):
@@ -151,7 +139,7 @@ class LvmCli:
         try:
             return self.runner.run(list(argv), timeout=self.timeout).stdout
         except CommandFailed as exc:
-            raise LvmError.from_command(str(exc), exc.stderr) from exc
+            raise LvmError.from_command(exc) from exc
 
     def volumes(self, vgs: Iterable[str] = ()) -> list[LogicalVolume]:
         """Every visible LV of the given VGs (of all VGs without any)."""

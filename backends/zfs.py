@@ -41,7 +41,7 @@ from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from fsrvpd.backends.base import Backend, BackendError, FileStore, NotSupported, OwnedObject, ShadowCopyRef
-from fsrvpd.backends.host import Mount, is_below, read_mounts, remove_empty_directory, retry_while_busy
+from fsrvpd.backends.host import Mount, StorageCommandError, is_below, read_mounts, remove_empty_directory, retry_while_busy
 from fsrvpd.runner import CommandFailed, CommandRunner
 
 log = logging.getLogger("fsrvpd.backends.zfs")
@@ -54,21 +54,10 @@ ZFS_MOUNT_TYPES = {"zfs", "fuse.zfs"}  # OpenZFS, zfs-fuse
 _OUR_CLONE = re.compile(rf"^[^/@]+/{NAME_PREFIX}[0-9a-f-]{{36}}$")
 
 
-class ZfsError(Exception):
-    """A zfs operation failed; the flags say why in terms that do not depend on the command layer."""
-
-    def __init__(self, message: str, missing: bool = False, busy: bool = False, out_of_space: bool = False):
-        super().__init__(message)
-        self.missing = missing
-        self.busy = busy
-        self.out_of_space = out_of_space
-
-    @classmethod
-    def from_command(cls, message: str, stderr: str) -> ZfsError:
-        return cls(message,
-                   missing="does not exist" in stderr,
-                   busy=re.search(r"\bbusy\b", stderr) is not None,
-                   out_of_space=re.search(r"out of space|quota exceeded|no space left", stderr, re.I) is not None)
+class ZfsError(StorageCommandError):
+    MISSING = "does not exist"
+    BUSY = r"\bbusy\b"
+    OUT_OF_SPACE = "out of space|quota exceeded|no space left"
 
 
 class Filesystem(NamedTuple):
@@ -89,7 +78,7 @@ class ZfsCli:
         try:
             return self.runner.run(["zfs", *args], timeout=self.timeout).stdout
         except CommandFailed as exc:
-            raise ZfsError.from_command(str(exc), exc.stderr) from exc
+            raise ZfsError.from_command(exc) from exc
 
     def filesystems(self) -> list[Filesystem]:
         out = self._run("list", "-H", "-o", "name,mountpoint,canmount", "-t", "filesystem")
@@ -112,8 +101,7 @@ class ZfsCli:
         complaints = proc.stderr.strip().splitlines()
         only_missing = bool(names) and bool(complaints) and all("does not exist" in line for line in complaints)
         if proc.returncode != 0 and not only_missing:
-            raise ZfsError.from_command(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}",
-                                        proc.stderr)
+            raise ZfsError.from_command(CommandFailed(argv, proc.returncode, proc.stderr))
         values: dict[str, dict[str, str]] = {}
         for line in proc.stdout.splitlines():
             name, prop, value, source = line.split("\t")

@@ -51,6 +51,8 @@ def ensure_samba_clients() -> None:
 class FsrvpDaemon:
     """One fsrvpd process with its own config, state directory and log file."""
 
+    start_seconds = START_SECONDS
+
     def __init__(self, pool: FilePool, directory: Path, shares: tuple[str, ...] = ("vms", "sql"),
                  sequence_seconds: float = 180, sequence_long_seconds: float = 1800):
         self.pool = pool
@@ -85,7 +87,7 @@ class FsrvpDaemon:
         self.process = subprocess.Popen([sys.executable, "-m", "fsrvpd", "run", "-c", str(self.config_path)],
                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        deadline = time.monotonic() + START_SECONDS
+        deadline = time.monotonic() + self.start_seconds
         while not self._listening():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"fsrvpd did not start:\n{self.log()}")

@@ -1,10 +1,11 @@
 """Real LVM for the tests, inside the VM (tests.support.vm): a volume group on a loop file with a thin
 pool, and volumes holding ext4 or xfs mounted the way a file server has them.
 
-Nothing imitates lvm2: tests run the same commands the daemon runs. One volume group serves the
-whole session (creating one costs seconds in the emulated guest); fixture `lvm` gives it to a test
-and afterwards unmounts and removes every volume the test made, so each test starts from the
-bare thin pool.
+Nothing imitates lvm2: tests run the same commands the daemon runs. One volume group with its
+volumes serves the whole session, since every lvm2 command costs about a second in the emulated
+guest: `vms` (thin, ext4), `sql` (thin, xfs) and `files` (classic, ext4, 64 MiB). Fixture `lvm`
+gives it to a test and afterwards puts it back as it was: every other LV removed, everything else
+unmounted, the volumes mounted and empty.
 """
 
 from __future__ import annotations
@@ -40,13 +41,17 @@ class Volume(NamedTuple):
     name: str  # VG/LV
     mountpoint: str
     fstype: str
+    thin: bool
 
 
 class LvmLab:
-    """A uniquely named VG on a sparse loop file, with thin pool `pool`; all removed on exit."""
+    """A uniquely named VG on a sparse loop file with thin pool `pool` and the `VOLUMES`; removed on exit."""
+
+    VOLUMES = {"vms": ("ext4", True), "sql": ("xfs", True), "files": ("ext4", False)}
 
     def __init__(self, size_mib: int = 2048, pool_mib: int = 640):
         self.size_mib, self.pool_mib = size_mib, pool_mib
+        self.volumes: dict[str, Volume] = {}
 
     def __enter__(self) -> LvmLab:
         self.directory = tempfile.mkdtemp(prefix="fsrvpd-lvm-")
@@ -59,24 +64,28 @@ class LvmLab:
             run("pvcreate", "-q", self.loop)
             run("vgcreate", "-q", self.vg, self.loop)
             run("lvcreate", "-q", "--type", "thin-pool", "-L", f"{self.pool_mib}M", "-n", "pool", self.vg)
+            for name, (fstype, thin) in self.VOLUMES.items():
+                self.volumes[name] = self._volume(name, fstype, thin)
         except BaseException:
             self.__exit__()
             raise
         return self
 
-    def volume(self, name: str, fstype: str = "ext4", thin: bool = True, size_mib: int | None = None) -> Volume:
-        """Create, format and mount `<vg>/<name>` (thin in the pool, or classic); return it."""
-        size = f"{size_mib or (XFS_MIN_MIB + 20 if fstype == 'xfs' else 64)}M"
+    def _volume(self, name: str, fstype: str, thin: bool) -> Volume:
+        """Create, format and mount `<vg>/<name>` (thin in the pool, or classic)."""
+        size = f"{XFS_MIN_MIB + 20 if fstype == 'xfs' else 64}M"
         if thin:
             run("lvcreate", "-q", "-V", size, "--thinpool", "pool", "-n", name, self.vg)
         else:
             run("lvcreate", "-q", "-L", size, "-n", name, self.vg)
-        device = f"/dev/{self.vg}/{name}"
-        run(f"mkfs.{fstype}", "-q", "-F" if fstype == "ext4" else "-f", device)
-        mountpoint = os.path.join(self.directory, "mnt", name)
-        os.makedirs(mountpoint, exist_ok=True)
-        run("mount", device, mountpoint)
-        return Volume(f"{self.vg}/{name}", mountpoint, fstype)
+        run(f"mkfs.{fstype}", "-q", f"/dev/{self.vg}/{name}")
+        volume = Volume(f"{self.vg}/{name}", os.path.join(self.directory, "mnt", name), fstype, thin)
+        os.makedirs(volume.mountpoint)
+        self.mount(volume)
+        return volume
+
+    def mount(self, volume: Volume) -> None:
+        run("mount", f"/dev/{volume.name}", volume.mountpoint)
 
     def lvs(self, fields: str = "lv_name,lv_attr,lv_tags,lv_size") -> list[list[str]]:
         """Rows of `lvs` for the VG's visible LVs (whitespace-free fields, '|'-separated)."""
@@ -92,13 +101,21 @@ class LvmLab:
         return [m.mountpoint for m in read_mounts() if is_below(m.mountpoint, directory)]
 
     def reset(self) -> None:
-        """Unmount everything below the lab's directory and remove every LV but the pool."""
+        """Back to the state after __enter__: only the volumes (mounted, empty) and the pool."""
+        mountpoints = {volume.mountpoint for volume in self.volumes.values()}
         for mountpoint in reversed(self.mounts_below(self.directory)):
-            run("umount", mountpoint)
-        names = [name for name, _ in self.lvs("lv_name,lv_attr") if name != "pool"]
-        if names:
-            run("lvremove", "-q", "-y", *(f"{self.vg}/{name}" for name in names))
-        shutil.rmtree(os.path.join(self.directory, "mnt"), ignore_errors=True)
+            if mountpoint not in mountpoints:
+                run("umount", mountpoint)
+        others = [name for name, _ in self.lvs("lv_name,lv_attr") if name != "pool" and name not in self.volumes]
+        if others:
+            run("lvremove", "-q", "-y", *(f"{self.vg}/{name}" for name in others))
+        mounted = set(self.mounts_below(self.directory))
+        for volume in self.volumes.values():
+            if volume.mountpoint not in mounted:
+                self.mount(volume)
+            for entry in os.scandir(volume.mountpoint):
+                if entry.name != "lost+found":
+                    shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.remove(entry.path)
 
     def __exit__(self, *exc_info) -> None:
         for mountpoint in reversed(self.mounts_below(self.directory)):
@@ -112,18 +129,23 @@ class LvmLab:
 
 
 class LvmDaemon(FsrvpDaemon):
-    """FsrvpDaemon whose shares are LVM volumes: `kinds` maps a share to (fstype, thin)."""
+    """FsrvpDaemon whose shares are the lab's volumes (same names; `files` with an 8 MiB snapshot
+    size), and `inner`: a directory inside `vms`, which is not a volume root."""
 
-    def __init__(self, lab: LvmLab, directory: Path, kinds: dict[str, tuple[str, bool]], **kwargs):
-        self.kinds = kinds
-        super().__init__(lab, directory, shares=tuple(kinds), **kwargs)
-        self.config["timers"]["sweep_seconds"] = 1
+    start_seconds = 300.0  # importing impacket over the guest's uncached 9p root takes a minute or more
+
+    def __init__(self, lab: LvmLab, directory: Path, **kwargs):
+        super().__init__(lab, directory, shares=(*lab.volumes, "inner"), **kwargs)
+        self.config["timers"]["sweep_seconds"] = 5
 
     def create_share(self, name: str) -> dict:
-        fstype, thin = self.kinds[name]
-        volume = self.pool.volume(name, fstype, thin)
+        if name == "inner":
+            path = os.path.join(self.pool.volumes["vms"].mountpoint, "inner")
+            os.makedirs(path, exist_ok=True)
+            return {"path": path, "backend": "lvm"}
+        volume = self.pool.volumes[name]
         self.datasets[name] = volume.name
-        return {"path": volume.mountpoint, "backend": "lvm", **({} if thin else {"snapshot_size": "8M"})}
+        return {"path": volume.mountpoint, "backend": "lvm", **({} if volume.thin else {"snapshot_size": "8M"})}
 
 
 @pytest.fixture(scope="session")

@@ -54,10 +54,11 @@ HOST_PACKAGES = {
 MEMORY = "1G"
 BOOT_SECONDS = 240  # until the guest runs its first command (about 30 s when the machine is not busy)
 GUEST_SECONDS = 1200  # a hang inside the guest must not hang the suite
-# lvm2 without udev: it creates /dev nodes itself and does not wait for udev events.
+# lvm2 without udev: it creates /dev nodes itself and does not wait for udev events. PVs are only
+# ever loop devices there; not probing the rest (a CD drive, 9p) saves time on every command.
 GUEST_LVM_CONF = """\
 activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }
-devices { obtain_device_list_from_udev = 0 }
+devices { obtain_device_list_from_udev = 0 global_filter = [ "a|^/dev/loop[0-9]+$|", "r|.*|" ] }
 """
 GUEST_LVM_DIR = "/tmp/fsrvpd-lvm-etc"
 BOOTED_MARK = "booted"
@@ -169,6 +170,16 @@ class GuestRun:
         self.phases: dict[str, list[dict]] | None = None
         self.problem = ""
         self.skip_reason = ""
+        self.seconds = 0.0
+
+    def summary(self) -> str:
+        """How long the VM took, and how much of it went to the tests themselves."""
+        in_tests = sum(phase["duration"] for phases in self.phases.values() for phase in phases)
+        slowest = sorted(((sum(p["duration"] for p in phases), nodeid) for nodeid, phases in self.phases.items()),
+                         reverse=True)[:3]
+        return (f"{len(self.phases)} test(s) ran in one VM in {self.seconds:.0f} s: {in_tests:.0f} s in the tests, "
+                f"the rest booting and starting pytest; slowest: "
+                + ", ".join(f"{nodeid.split('::')[-1]} {seconds:.0f} s" for seconds, nodeid in slowest))
 
     def outcome(self, nodeid: str) -> list[dict]:
         if self.phases is None:
@@ -188,7 +199,9 @@ class GuestRun:
         pytest_command = (f"{RESULTS_ENV}={shlex.quote(results)} {shlex.quote(sys.executable)} -m pytest "
                           f"-p no:cacheprovider -q -rA {' '.join(shlex.quote(n) for n in self.nodeids)} "
                           f"> {shlex.quote(guest_log)} 2>&1")
+        started = time.monotonic()
         status = run_in_vm(pytest_command, shared, console)
+        self.seconds = time.monotonic() - started
         if os.path.exists(results):
             with open(results) as lines:
                 for line in lines:
@@ -245,6 +258,15 @@ class GuestTest(pytest.Item):
         return self.path, None, self.name
 
 
+GUEST_RUN = pytest.StashKey[GuestRun]()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    guest = config.stash.get(GUEST_RUN, None)
+    if guest is not None and guest.phases:
+        terminalreporter.write_line(guest.summary())
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     """On the host, stand in for every selected `vm` test; all of them share one guest run."""
@@ -253,7 +275,7 @@ def pytest_collection_modifyitems(config, items):
     in_vm = [item for item in items if item.get_closest_marker("vm")]
     if not in_vm:
         return
-    guest = GuestRun([item.nodeid for item in in_vm])
+    guest = config.stash[GUEST_RUN] = GuestRun([item.nodeid for item in in_vm])
     for index, item in enumerate(items):
         if item.get_closest_marker("vm"):
             stand_in = GuestTest.from_parent(item.parent, name=item.name, guest=guest)
