@@ -172,16 +172,21 @@ def test_set_of_three_datasets_is_one_snapshot_each_and_nothing_else(zfs_pool, b
         assert read(os.path.join(exposed, "data")) == f"old {copy.store.mountpoint}"
 
 
-def test_writable_copy_accepts_writes_until_made_read_only(zfs_pool, backend):
-    _, mountpoint = zfs_pool.dataset("vms")
-    [copy] = copies_of(backend, [mountpoint])
-    backend.snapshot([copy])
+def assert_writable_until_made_read_only(backend, copy: ShadowCopyRef) -> None:
+    """A writable exposure takes a write; made read-only (twice: idempotent) it keeps it and refuses more."""
     exposed = backend.expose(copy, writable=True)
     write(os.path.join(exposed, "recovered"), "fixed by the application")
     backend.make_read_only(copy)
     backend.make_read_only(copy)
     assert_refuses_writes(exposed)
     assert read(os.path.join(exposed, "recovered")) == "fixed by the application"
+
+
+def test_writable_copy_accepts_writes_until_made_read_only(zfs_pool, backend):
+    _, mountpoint = zfs_pool.dataset("vms")
+    [copy] = copies_of(backend, [mountpoint])
+    backend.snapshot([copy])
+    assert_writable_until_made_read_only(backend, copy)
 
 
 def test_usage_reports_bytes_of_snapshot_and_clone(zfs_pool, backend):
