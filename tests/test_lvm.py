@@ -6,27 +6,23 @@ outcome). Nothing of lvm2, the file systems, the SMB server or the clients is im
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
 from fsrvpd.backends.base import BackendError, NotSupported, ShadowCopyRef
-from fsrvpd.backends.host import is_below, read_mounts
 from fsrvpd.backends.lvm import COPY_TAG, SET_TAG, LvmBackend, SnapshotSize, snapshot_lv_name
 from fsrvpd.runner import CommandRunner
 from tests.support.lvm import LvmDaemon, LvmLab, Volume, run
-from tests.test_e2e_rpcclient import EXPOSED, create_expose, delete
+from tests.test_e2e_rpcclient import create_expose, delete
 from tests.test_zfs_backend import assert_refuses_writes, assert_writable_until_made_read_only, read, write
 
 pytestmark = pytest.mark.vm
 
 NOT_SUPPORTED = "0x8004230c"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def backend_for(lab: LvmLab, sizes: dict[str, str] | None = None) -> LvmBackend:
@@ -282,12 +278,12 @@ def test_rpcclient_read_only_cycle_on_thin_and_classic_volumes(lvm_daemon, tmp_p
     local = tmp_path / "local.txt"
     local.write_text("x")
     for share, copy_id in copies.items():
-        snapshot_share = f"{share}@{{{copy_id}}}"
-        assert f"{share} before the commit" in daemon.smbclient(snapshot_share, "get disk.vhdx -")
-        assert "NT_STATUS_ACCESS_DENIED" in daemon.smbclient(snapshot_share, f"put {local} new.txt")
+        seen = daemon.smbclient(f"{share}@{{{copy_id}}}", f"get disk.vhdx -; put {local} new.txt")
+        assert f"{share} before the commit" in seen and "NT_STATUS_ACCESS_DENIED" in seen, seen
     assert "after the commit" in daemon.smbclient("vms", "get disk.vhdx -")
 
-    delete(daemon, set_id, copies)
+    deleted = daemon.rpcclient(*(f"fss_delete {share} {set_id} {copy_id}" for share, copy_id in copies.items()))
+    assert deleted.count("shadow-copy deleted") == len(copies), deleted
     assert_daemon_left_nothing(daemon)
 
 
@@ -336,40 +332,3 @@ def test_overflowed_classic_snapshot_share_is_withdrawn(lvm_daemon):
     os.remove(os.path.join(daemon.paths["files"], "filler"))
     delete(daemon, set_id, copies)
     assert_daemon_left_nothing(daemon)
-
-
-# -- the demo ---------------------------------------------------------------------------------------
-
-def demo_peer(tool: str, *args: str) -> str:
-    proc = subprocess.run([tool, "-p", "1445", "-U", "backup%backup", *args], capture_output=True, text=True,
-                          timeout=120)
-    return proc.stdout + proc.stderr
-
-
-def test_lvm_demo_serves_vms_and_removes_everything_on_ctrl_c(tmp_path, samba_clients):
-    demo_dir = tmp_path / "demo"
-    with open(tmp_path / "demo.log", "wb") as log:
-        demo = subprocess.Popen(["make", "-s", "demo", "BACKEND=lvm", f"DEMO_DIR={demo_dir}"], cwd=REPO,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        for _ in range(240):
-            if "Share" in demo_peer("smbclient", "-L", "127.0.0.1") or demo.poll() is not None:
-                break
-            time.sleep(1)
-        created = demo_peer("rpcclient", "127.0.0.1", "-c", "fss_create_expose backup ro vms")
-        exposed = EXPOSED.findall(created)
-        assert len(exposed) == 1, created + (tmp_path / "demo.log").read_text()
-        [(_, copy_id, _, _)] = exposed
-        old = demo_peer("smbclient", f"//127.0.0.1/vms@{{{copy_id}}}", "-c", "get disk.vhdx -")
-        assert "demo virtual disk, version 1" in old, (tmp_path / "demo.log").read_text()
-    finally:
-        os.killpg(demo.pid, signal.SIGINT)
-        demo.wait(timeout=120)
-    for _ in range(120):
-        if subprocess.run(["vgs", "fsrvpdemo"], capture_output=True).returncode != 0:
-            break
-        time.sleep(1)
-    assert "removing the LVM demo" in (tmp_path / "demo.log").read_text()
-    assert subprocess.run(["vgs", "fsrvpdemo"], capture_output=True).returncode != 0
-    assert [m for m in read_mounts() if is_below(m.mountpoint, str(demo_dir))] == []
-    assert run("losetup", "-j", str(demo_dir / "lvm.img")) == ""
