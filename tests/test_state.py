@@ -782,8 +782,10 @@ class AnySequence(RuleBasedStateMachine):
     @rule(set_ref=set_refs)
     def abort(self, set_ref):
         if self.attempt("abort", self.m.abort, self.set_id(set_ref), self.now):
-            assert not self.m.context_set
-            assert self.m.in_creation() is not None or self.m.deadline is None  # (else the timer runs on)
+            # The set in creation, if any, keeps its context and timer; otherwise both are cleared.
+            in_creation = self.m.in_creation() is not None
+            assert self.m.context_set == in_creation
+            assert in_creation or self.m.deadline is None
 
     @rule(set_ref=set_refs, copy_ref=copy_refs, share_ref=share_refs, level=levels)
     def share_mapping(self, set_ref, copy_ref, share_ref, level):
