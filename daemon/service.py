@@ -29,6 +29,7 @@ from .unc import BadUnc, parse_unc
 log = logging.getLogger("fsrvpd.service")
 
 SWEEP_INTERVAL_SECONDS = 60.0
+RETRY_REMOVAL_SECONDS = 5.0  # storage that was busy when it should have gone is tried again this soon
 GLOBALS_KEY = "globals"
 
 
@@ -53,6 +54,7 @@ class FsrvpService:
         self.host_names = config.own_host_names() | {name.casefold() for name in extra_host_names}
         self.machine = ShadowCopyMachine(config.sequence_timeout, config.sequence_timeout_long)
         self.lock = asyncio.Lock()
+        self.removal_pending = False  # some storage could not be removed yet: sweep soon
         self.handlers = {
             m.GetSupportedVersionRequest: self.get_supported_version,
             m.SetContextRequest: self.set_context,
@@ -100,7 +102,8 @@ class FsrvpService:
         while True:
             await asyncio.sleep(min(1.0, self.config.sequence_timeout / 4))
             await self.expire()
-            if time.monotonic() - last_sweep >= SWEEP_INTERVAL_SECONDS:
+            since_sweep = time.monotonic() - last_sweep
+            if since_sweep >= SWEEP_INTERVAL_SECONDS or (self.removal_pending and since_sweep >= RETRY_REMOVAL_SECONDS):
                 last_sweep = time.monotonic()
                 await self.sweep()
 
@@ -119,6 +122,7 @@ class FsrvpService:
     async def sweep(self) -> None:
         """Remove storage objects carrying our tags that no set in the state owns any more."""
         async with self.lock:
+            self.removal_pending = False
             for backend in self.backends.values():
                 try:
                     owned = await asyncio.to_thread(backend.owned)
@@ -134,6 +138,7 @@ class FsrvpService:
                         await asyncio.to_thread(backend.remove_owned, obj)
                     except BackendError as exc:
                         log.error("cannot remove orphaned %s %s yet: %s", obj.kind, obj.name, exc)
+                        self.removal_pending = True
 
     # -- dispatch -----------------------------------------------------------------------------
     async def handle(self, request, caller: Caller):
@@ -364,6 +369,7 @@ class FsrvpService:
                 await asyncio.to_thread(remove, copy_ref(scs, copy))
             except BackendError as exc:
                 log.error("could not remove storage of copy %s yet (the sweep retries): %s", copy.copy_id, exc)
+                self.removal_pending = True
 
 
 def _over(elapsed_ms: float, timeout_ms: int) -> bool:

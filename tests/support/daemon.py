@@ -28,6 +28,7 @@ USER = PASSWORD = "backup"
 NETBIOS_NAME = "FSRVPTEST"
 START_SECONDS = 30.0
 STOP_SECONDS = 30.0
+CLEANUP_SECONDS = 60.0
 PEER_PACKAGES = {"rpcclient": "samba-common-bin", "smbclient": "smbclient"}
 
 __all__ = ["FsrvpDaemon", "daemon", "samba_clients", "free_port", "USER", "PASSWORD", "NETBIOS_NAME"]
@@ -143,16 +144,30 @@ def ours_on_storage(pool: FilePool) -> list[str]:
     return [name for name in listing if "fsrvpd-" in name]
 
 
+def ours_after_cleanup(pool: FilePool, seconds: float = CLEANUP_SECONDS) -> list[str]:
+    """What of ours is still on storage once the daemon has had time to finish removing it.
+
+    A clone smbd or a slow client still holds is busy for a moment; the daemon retries its removal
+    within seconds rather than failing the call, so tests wait for it (generously: CI machines are slow)."""
+    deadline = time.monotonic() + seconds
+    while (left := ours_on_storage(pool)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
 @pytest.fixture(scope="session")
 def samba_clients():
     ensure_samba_clients()
 
 
 @pytest.fixture
-def daemon(zfs_pool, tmp_path, samba_clients):
-    """A running fsrvpd on a fresh pool with shares vms and sql; stopped (cleanly) afterwards."""
+def daemon(request, zfs_pool, tmp_path, samba_clients):
+    """A running fsrvpd on a fresh pool with shares vms and sql; stopped (cleanly) afterwards.
+
+    The daemon's log is printed when the test failed or the daemon did not exit cleanly."""
     running = FsrvpDaemon(zfs_pool, tmp_path).start()
     yield running
     status = running.stop()
-    if status not in (0, None):
-        print(running.log())
+    report = getattr(request.node, "report_call", None)
+    if status not in (0, None) or (report is not None and report.failed):
+        print(f"--- fsrvpd log ({running.log_path}) ---\n{running.log()}")
