@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := zfs-fuse samba-common-bin smbclient
+APT_PACKAGES := zfs-fuse samba-common-bin smbclient libsystemd-dev pkg-config
 DEMO_DIR ?= /var/tmp/fsrvpd-demo
 
 .PHONY: deps demo test check-config clean

@@ -2,7 +2,7 @@
 
 Every `zfs`, `lvm`, `btrfs` or `mount` command fsrvpd runs goes through `CommandRunner.run`, so each
 one is logged with its duration, bounded by a timeout and counted per tool and outcome (the
-metrics endpoint reads `stats`).  Backends never call `subprocess` themselves.
+metrics endpoint reads `totals()`).  Backends never call `subprocess` themselves.
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ class CommandRunner:
         self.env = {**os.environ, "LC_ALL": "C", **(env or {})}
         self.stats: dict[str, CommandStats] = collections.defaultdict(CommandStats)
         self._lock = threading.Lock()
+
+    def totals(self) -> dict[str, CommandStats]:
+        """A consistent copy of `stats`, for readers in other threads (the metrics scrape)."""
+        with self._lock:
+            return {tool: dataclasses.replace(entry) for tool, entry in self.stats.items()}
 
     def run(self, argv: list[str], timeout: float | None = None, check: bool = True) -> subprocess.CompletedProcess:
         """Run argv and return the completed process; raise CommandFailed when check and it failed."""

@@ -49,6 +49,7 @@ from impacket.nt_errors import (STATUS_ACCESS_DENIED, STATUS_BAD_NETWORK_NAME, S
 from impacket.smbserver import PIPE_FILE_DESCRIPTOR, SMBSERVER, SRVSServer, WKSTServer, normalize_path
 
 from ..constants import PIPE_NAME
+from ..observer import Observer
 from .base import Caller, FrontDoor, PipeHandler, ShareSpec
 
 log = logging.getLogger("fsrvpd.smb")
@@ -78,7 +79,7 @@ class EmbeddedFrontDoor(FrontDoor):
     """Serves SMB2 itself: the FSRVP pipe, srvsvc/wkssvc and the published shares."""
 
     def __init__(self, listen_address: str, port: int, users: dict[str, str], server_name: str,
-                 domain: str = "WORKGROUP"):
+                 domain: str = "WORKGROUP", observer: Observer | None = None):
         """`users` maps each account name to its NT hash in hex; names match case-insensitively."""
         for user, nt_hash in users.items():
             if not re.fullmatch(r"[0-9a-fA-F]{32}", nt_hash):
@@ -89,6 +90,7 @@ class EmbeddedFrontDoor(FrontDoor):
         self._accounts = {user.lower(): user for user in users}
         self._server_name = server_name
         self._domain = domain
+        self._observer = observer or Observer()
         self._shares: dict[str, ShareSpec] = {}
         self._config = self._build_config()
         self._server: _SmbServer | None = None
@@ -221,6 +223,7 @@ class EmbeddedFrontDoor(FrontDoor):
             return responses, packets, status
         log.info("refused SMB logon from %s (unknown user, wrong password, guest or anonymous)",
                  connection["ClientIP"])
+        self._observer.caller_refused("logon")
         connection.update(Authenticated=False, SignatureEnabled=False, user_name="")
         return [smb2.SMB2Error()], None, STATUS_LOGON_FAILURE
 
