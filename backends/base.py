@@ -61,6 +61,7 @@ class OwnedObject:
     name: str
     set_id: uuid.UUID
     copy_id: uuid.UUID | None
+    group: str | None = None  # the FileStore.group (pool, VG) it lives in; None: unknown
 
 
 class Backend(abc.ABC):

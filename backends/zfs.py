@@ -376,7 +376,8 @@ class ZfsBackend(Backend):
             except (KeyError, ValueError):
                 log.warning("%s carries malformed fsrvpd tags %s; leaving it alone", name, tags)
                 continue
-            objects.append(OwnedObject("snapshot" if "@" in name else "clone", name, set_id, copy_id))
+            objects.append(OwnedObject("snapshot" if "@" in name else "clone", name, set_id, copy_id,
+                                       group=name.split("/")[0].split("@")[0]))
         return sorted(objects, key=lambda obj: (obj.kind == "snapshot", obj.name))
 
     def remove_owned(self, obj: OwnedObject) -> None:

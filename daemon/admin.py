@@ -122,6 +122,12 @@ class AdminCommands:
         scs = await self.service.expose_snapshot(snapshot)
         return describe_set(scs, time.time())
 
+    async def reload(self) -> dict:
+        """What SIGHUP does, but the caller learns whether the file was good."""
+        if not await self.supervisor.reload():
+            raise AdminError(self.supervisor.last_reload["message"], "config_error")
+        return self.supervisor.last_reload
+
     async def doctor(self, share: str) -> dict:
         return await diagnose(self.service, share)
 
@@ -164,12 +170,13 @@ class AdminServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            line = await reader.readline()  # first, so that even a refusal reaches the client whole
             uid = _peer_uid(writer.get_extra_info("socket"))
             if uid not in (0, os.geteuid()):
                 log.warning("admin socket: refused a request from uid %d (root only)", uid)
                 answer = {"ok": False, "error": "fsrvpctl needs root", "code": "permission_denied"}
             else:
-                answer = await self._answer(await reader.readline())
+                answer = await self._answer(line)
             writer.write(json.dumps(answer).encode() + b"\n")
             await writer.drain()
         except (ConnectionError, ValueError) as exc:  # ValueError: a request longer than the limit

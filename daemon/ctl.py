@@ -97,7 +97,7 @@ def show_sets(result: list[dict]) -> str:
     if not result:
         return "no shadow copy sets"
     return table([[s["set_id"], s["status"], s["context"], age(s["age_seconds"]), ",".join(s["shares"]),
-                   f"{s['principal']} ({s['client']})"] for s in result],
+                   s["principal"]] for s in result],
                  ["SET", "STATUS", "CONTEXT", "AGE", "SHARES", "CLIENT"])
 
 
@@ -122,6 +122,10 @@ def show_prune(result: dict) -> str:
     return f"{result['expired_sets']} expired set(s) removed, {result['orphans_removed']} orphaned object(s) removed"
 
 
+def show_reload(result: dict) -> str:
+    return f"configuration reloaded: {result['message']}"
+
+
 def show_doctor(result: dict) -> str:
     marks = {"ok": "ok", "warning": "WARNING", "problem": "PROBLEM"}
     lines = [f"{marks[c['state']]:<8} {c['check']}: {c['detail']}" for c in result["checks"]]
@@ -130,7 +134,7 @@ def show_doctor(result: dict) -> str:
 
 
 SHOW = {"status": show_status, "sets": show_sets, "shares": show_shares, "delete": show_set, "prune": show_prune,
-        "expose": show_set, "doctor": show_doctor}
+        "expose": show_set, "reload": show_reload, "doctor": show_doctor}
 
 
 def socket_path(args: argparse.Namespace) -> str:
@@ -161,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("prune", help="remove expired sets and orphaned storage now")
     commands.add_parser("expose", help="publish an existing snapshot read-only, e.g. for a restore").add_argument(
         "snapshot", help="e.g. tank/vms@daily-2024-05-01")
+    commands.add_parser("reload", help="reload the configuration file (as SIGHUP does) and say if it was good")
     commands.add_parser("doctor", help="can this share be shadow-copied? why not?").add_argument("share")
     args = parser.parse_args(argv)
     command_args = {key: value for key, value in vars(args).items()

@@ -34,7 +34,8 @@ class CommandFailed(Exception):
 
 @dataclasses.dataclass
 class CommandStats:
-    """Running totals per tool (argv[0] basename) for metrics and the admin CLI."""
+    """Running totals per tool (argv[0] basename) for metrics and the admin CLI; `failures` counts
+    the commands whose caller needed them to succeed (check=True)."""
 
     calls: int = 0
     failures: int = 0
@@ -73,7 +74,7 @@ class CommandRunner:
             entry = self.stats[os.path.basename(argv[0])]
             entry.calls += 1
             entry.seconds += elapsed
-            entry.failures += failed
+            entry.failures += failed and check  # with check=False the caller expects and handles failure
         level = logging.WARNING if failed and check else logging.DEBUG
         log.log(level, "%s -> %s in %.3fs%s", " ".join(argv), "timeout" if timed_out else proc.returncode,
                 elapsed, f": {proc.stderr.strip()}" if failed else "")

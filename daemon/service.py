@@ -129,9 +129,15 @@ class FsrvpService:
             return expired
 
     async def sweep(self) -> int:
-        """Remove storage objects carrying our tags that no set in the state owns any more; count them."""
+        """Remove storage objects carrying our tags that no set in the state owns any more; count them.
+
+        Only in the pools of the configured shares and of the sets: another fsrvpd on the host (a
+        test's, say) keeps its own objects elsewhere, and they are not ours to judge.
+        """
         removed = 0
+        scope = {(store.backend, store.group) for _, store in await self._configured_stores()}
         async with self.lock:
+            scope |= {(c.store["backend"], c.store["group"]) for s in self.machine.sets.values() for c in s.copies}
             for backend in self.backends.values():
                 try:
                     owned = await asyncio.to_thread(backend.owned)
@@ -140,6 +146,8 @@ class FsrvpService:
                     continue
                 orphans = left = 0
                 for obj in owned:
+                    if obj.group is not None and (backend.name, obj.group) not in scope:
+                        continue
                     scs = self.machine.sets.get(obj.set_id)
                     if scs is not None and (obj.copy_id is None or scs.copy(obj.copy_id) is not None):
                         continue
@@ -178,6 +186,16 @@ class FsrvpService:
         if share is None:
             raise Refused(HResult.FSRVP_E_OBJECT_NOT_FOUND, f"no share {parsed.share!r} is configured")
         return share
+
+    async def _configured_stores(self) -> list[tuple[ShareConfig, FileStore]]:
+        """The file store of every configured share that has one (those that cannot be shadow-copied left out)."""
+        found = []
+        for share in self.config.shares.values():
+            try:
+                found.append((share, await self._file_store(share)))
+            except Refused:
+                continue
+        return found
 
     async def _file_store(self, share: ShareConfig) -> FileStore:
         backend = self.backends[share.backend]
@@ -371,12 +389,7 @@ class FsrvpService:
         shares when no configured share's file store has that snapshot's name.
         """
         store_name = snapshot.partition("@")[0]
-        stores = []
-        for share in self.config.shares.values():
-            try:
-                stores.append((share, await self._file_store(share)))
-            except Refused:
-                continue
+        stores = await self._configured_stores()
         match = next(((share, store) for share, store in stores if store.name == store_name and "@" in snapshot),
                      None)
         if match is None:

@@ -39,6 +39,11 @@ users:
   backup:
     nt_hash: $(echo backup | "$FSRVPD" nt-hash)
 state_dir: $DEMO_DIR/state
+metrics:
+  listen: 127.0.0.1
+  port: 9720
+admin:
+  socket: $DEMO_DIR/admin.sock
 shares:
   vms:
     path: $DEMO_DIR/vms
@@ -55,6 +60,8 @@ Try, in another terminal:
   smbclient -p $PORT -U backup%backup -L 127.0.0.1
   smbclient -p $PORT -U backup%backup '//127.0.0.1/vms@{<shadow copy id printed above>}' -c 'get disk.vhdx -'
   rpcclient -p $PORT -U backup%backup 127.0.0.1 -c 'fss_delete vms <set id> <shadow copy id>'
+  ${FSRVPD%fsrvpd}fsrvpctl -s $DEMO_DIR/admin.sock status    (also: sets, shares, doctor vms, prune, ...)
+  curl -s http://127.0.0.1:9720/metrics | grep ^fsrvpd_
 Ctrl-C stops fsrvpd.
 
 TXT

@@ -75,13 +75,16 @@ class FsrvpDaemon:
             "admin": {"socket": self.admin_socket},
         }
         self.process: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}  # added to the daemon's environment
+        self.wrapper: list[str] = []  # a command that runs the daemon's command line given as its arguments
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> FsrvpDaemon:
         self.config_path.write_text(yaml.safe_dump(self.config))
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "fsrvpd", "run", "-c", str(self.config_path)],
-                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen([*self.wrapper, sys.executable, "-m", "fsrvpd", "run", "-c",
+                                         str(self.config_path)], stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True, env={**os.environ, **self.env})
         log.close()
         deadline = time.monotonic() + START_SECONDS
         while not self._listening():
