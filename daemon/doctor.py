@@ -145,7 +145,7 @@ def _check_samba(share, report) -> None:
         report("samba", WARNING, f"Samba also shares {share.path} (as {', '.join(same_path)}): Windows hosts "
                "that reach it through smbd talk to Samba's own FSRVP server, not to fsrvpd")
     else:
-        report("samba", OK, f"Samba is installed but does not share {share.path}")
+        report("samba", OK, f"Samba's configuration (testparm) does not share {share.path}")
 
 
 def _size(count: int) -> str:

@@ -81,6 +81,7 @@ def test_endpoint_serves_every_documented_metric_after_a_real_cycle(zfs_pool, tm
                 break
             time.sleep(1)
         print(text)  # the README's sample scrape comes from here (pytest -s)
+        assert daemon.ctl("delete", str(set_id)).returncode == 0
     finally:
         daemon.stop()
 
