@@ -52,7 +52,10 @@ async def serve_pipe(service: FsrvpService, reader: asyncio.StreamReader, writer
 async def answer(service: FsrvpService, connection: dcerpc.ServerConnection, call: dcerpc.RpcCall,
                  caller: Caller) -> None:
     """Answer one call, with its journal fields on every record it logs and its result counted."""
-    operation = Opnum(call.opnum).name if call.opnum in Opnum._value2member_map_ else "unknown"
+    try:
+        operation = Opnum(call.opnum).name
+    except ValueError:
+        operation = "unknown"
     started = time.monotonic()
     with logs.call_fields(**{logs.CLIENT: caller.address, logs.PRINCIPAL: f"{caller.domain}\\{caller.user}",
                              logs.OPERATION: operation}):

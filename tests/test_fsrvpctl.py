@@ -129,11 +129,11 @@ def test_doctor_explains_what_can_and_cannot_be_shadow_copied(zfs_pool, tmp_path
 def test_exit_codes_and_root_only(zfs_pool, tmp_path, samba_clients):
     """fsrvpctl as `nobody`, on Debian's python3 (the venv lives under root's home, closed to nobody)."""
     public = tempfile.mkdtemp(prefix="fsrvpctl-")
+    os.chmod(public, 0o755)
+    os.symlink(REPO / "daemon", os.path.join(public, "fsrvpd"))
+    daemon = FsrvpDaemon(zfs_pool, tmp_path, shares=("vms",))
+    daemon.admin_socket = daemon.config["admin"]["socket"] = os.path.join(public, "admin.sock")
     try:
-        os.chmod(public, 0o755)
-        os.symlink(REPO / "daemon", os.path.join(public, "fsrvpd"))
-        daemon = FsrvpDaemon(zfs_pool, tmp_path, shares=("vms",))
-        daemon.admin_socket = daemon.config["admin"]["socket"] = os.path.join(public, "admin.sock")
         daemon.start()
         as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3", "-m",
                      "fsrvpd.ctl", "-s", daemon.admin_socket, "status"]
@@ -149,4 +149,5 @@ def test_exit_codes_and_root_only(zfs_pool, tmp_path, samba_clients):
         gone = daemon.ctl("status")
         assert gone.returncode == UNREACHABLE and "cannot reach fsrvpd" in gone.stderr
     finally:
+        daemon.stop()
         shutil.rmtree(public)

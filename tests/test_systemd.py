@@ -144,6 +144,14 @@ def wait_for_log(daemon: FsrvpDaemon, text: str) -> None:
         time.sleep(0.1)
 
 
+def added_set(client, share: str) -> uuid.UUID:
+    """SetContext, StartShadowCopySet, AddToShadowCopySet: a set ready to commit."""
+    client.set_context(0)
+    set_id = client.start_shadow_copy_set()
+    client.add_to_shadow_copy_set(set_id, share)
+    return set_id
+
+
 def test_sigterm_lets_the_commit_in_flight_finish_and_answer(zfs_pool, tmp_path, samba_clients):
     """A `zfs snapshot` that takes 3 s (a wrapper in front of the real zfs on the daemon's PATH)."""
     wrappers = tmp_path / "bin"
@@ -157,9 +165,7 @@ def test_sigterm_lets_the_commit_in_flight_finish_and_answer(zfs_pool, tmp_path,
     daemon.start()
     try:
         with daemon.client() as client:
-            client.set_context(0)
-            set_id = client.start_shadow_copy_set()
-            client.add_to_shadow_copy_set(set_id, "vms")
+            set_id = added_set(client, "vms")
             answers = []
             commit = threading.Thread(target=lambda: answers.append(
                 client.call(m.CommitShadowCopySetRequest(set_id, 60000)).result))
@@ -212,9 +218,7 @@ def test_records_reach_journald_with_the_call_fields(zfs_pool, tmp_path, samba_c
     daemon.start()
     try:
         with daemon.client() as client:
-            client.set_context(0)
-            set_id = client.start_shadow_copy_set()
-            client.add_to_shadow_copy_set(set_id, "vms")
+            set_id = added_set(client, "vms")
             assert client.call(m.CommitShadowCopySetRequest(uuid.uuid4(), 1000)).result == \
                 HResult.FSRVP_E_SHADOWCOPYSET_ID_MISMATCH
             client.abort(set_id)
