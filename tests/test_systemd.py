@@ -32,6 +32,7 @@ import yaml
 
 from fsrvpd import messages as m
 from fsrvpd.constants import HResult
+from fsrvpd.sdnotify import Notifier
 from tests.support.daemon import FsrvpDaemon, ours_on_storage
 
 pytestmark = pytest.mark.zfs
@@ -239,6 +240,19 @@ def test_records_reach_journald_with_the_call_fields(zfs_pool, tmp_path, samba_c
         journald = tmp_path / "journald.pid"
         if journald.exists():
             os.kill(int(journald.read_text()), signal.SIGTERM)
+
+
+def test_notifier_speaks_to_abstract_sockets_and_only_feeds_its_own_watchdog():
+    name = f"fsrvpd-test-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind("\0" + name)
+        notifier = Notifier({"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "3000000", "WATCHDOG_PID": str(os.getpid())})
+        notifier.ready("serving")
+        assert manager.recv(4096).decode().splitlines()[:2] == ["READY=1", "STATUS=serving"]
+    assert notifier.watchdog_interval == 1.5
+    assert Notifier({"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "3000000", "WATCHDOG_PID": "1"}).watchdog_interval \
+        is None  # the watchdog is another process's
+    Notifier({}).ready("not under systemd: nothing is sent, nothing fails")
 
 
 def test_plain_stderr_lines_when_not_under_systemd(daemon):
