@@ -16,6 +16,7 @@ flight to finish its storage work and answer, then stops.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
@@ -32,7 +33,7 @@ from .transports.base import FrontDoor, ShareSpec
 
 log = logging.getLogger("fsrvpd")
 
-# Settings a reload cannot apply to a running daemon.
+# Settings a reload cannot apply to a running daemon: they keep their running values until a restart.
 RESTART_SETTINGS = ("netbios_name", "domain", "front_door", "listen", "port", "users", "state_dir", "mount_root",
                     "metrics_listen", "metrics_port", "admin_socket", "command_timeout", "log_level")
 
@@ -125,6 +126,7 @@ class Supervisor:
                 for setting in RESTART_SETTINGS:
                     if getattr(old, setting) != getattr(new, setting):
                         log.warning("reload: %s changed; that takes effect at the next restart", setting)
+                new = dataclasses.replace(new, **{setting: getattr(old, setting) for setting in RESTART_SETTINGS})
                 async with self.service.lock:
                     await self._sync_shares(old.shares, new.shares)
                     self.service.reconfigure(new)
