@@ -23,7 +23,7 @@ import struct
 import time
 import uuid
 
-from . import __version__
+from . import __version__, logs
 from .constants import CONTEXT_ATTRIBUTES, Context, hresult_name
 from .doctor import diagnose
 from .state import Refused, ShadowCopySet, Status
@@ -83,6 +83,7 @@ class AdminCommands:
             "context": {"set": machine.context_set, "client": machine.context_client,
                         "timer_seconds_left": round(machine.deadline - now, 1) if machine.deadline else None},
             "last_reload": supervisor.last_reload,
+            "recent_problems": list(logs.recent_problems.entries),
             "storage_commands": {tool: {"calls": stats.calls, "failures": stats.failures,
                                         "seconds": round(stats.seconds, 3)}
                                  for tool, stats in sorted(supervisor.runner.totals().items())},
@@ -177,7 +178,7 @@ class AdminServer:
                 answer = {"ok": False, "error": "fsrvpctl needs root", "code": "permission_denied"}
             else:
                 answer = await self._answer(line)
-            writer.write(json.dumps(answer).encode() + b"\n")
+            writer.write(json.dumps(answer, default=str).encode() + b"\n")
             await writer.drain()
         except (ConnectionError, ValueError) as exc:  # ValueError: a request longer than the limit
             log.info("admin socket: dropped a connection: %s", exc)

@@ -20,6 +20,7 @@ from .config import DEFAULT_ADMIN_SOCKET, ConfigError, load
 
 DEFAULT_CONFIG = "/etc/fsrvpd/fsrvpd.yaml"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+RECENT_SHOWN = 5
 ANSWER_TIMEOUT_SECONDS = 600  # `delete` and `prune` wait for the service's lock and for storage
 
 
@@ -90,6 +91,11 @@ def show_status(result: dict) -> str:
     if commands:
         lines.append("storage:     " + ", ".join(f"{tool} {stats['calls']} run(s), {stats['failures']} failed, "
                                                  f"{stats['seconds']:.2f}s" for tool, stats in commands.items()))
+    problems = result["recent_problems"][-RECENT_SHOWN:]
+    if problems:
+        lines.append("recent problems (newest last; the journal has them all):")
+        lines += [f"  {time.strftime('%H:%M:%S', time.localtime(p['at']))} {p['level']:<7} {p['message']}"
+                  for p in problems]
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ no log call inside the service has to pass them on.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import logging
@@ -50,6 +51,28 @@ class _CallFieldsFilter(logging.Filter):
         return True
 
 
+class RecentProblems(logging.Handler):
+    """The last warnings, errors and failed calls with their fields, for `fsrvpctl status`: "why
+    did that backup fail?" answered without reading the journal."""
+
+    def __init__(self, size: int = 20):
+        super().__init__(logging.INFO)
+        self.entries: collections.deque[dict] = collections.deque(maxlen=size)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = {key: str(value) for key, value in vars(record).items() if key.startswith("FSRVP_")}
+        failed_call = fields.get(HRESULT, "0x00000000") != "0x00000000"
+        if record.levelno < logging.WARNING and not failed_call:
+            return
+        if failed_call and self.entries and self.entries[-1]["fields"] == fields:
+            return  # the same call's outcome again (its reason came first)
+        self.entries.append({"at": record.created, "level": record.levelname, "message": record.getMessage(),
+                             "fields": fields})
+
+
+recent_problems = RecentProblems()
+
+
 def under_journald() -> bool:
     """systemd's documented test: $JOURNAL_STREAM names the device and inode of our standard error."""
     stream = os.environ.get("JOURNAL_STREAM", "")
@@ -75,8 +98,9 @@ def setup(level: str) -> str:
     if handler is None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter(STDERR_FORMAT))
-    handler.addFilter(_CallFieldsFilter())
+    for attached in (handler, recent_problems):
+        attached.addFilter(_CallFieldsFilter())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [handler, recent_problems]
     root.setLevel(level.upper())
     return destination

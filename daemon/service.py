@@ -21,7 +21,7 @@ from . import messages as m
 from .backends.base import Backend, BackendError, FileStore, NotSupported, ShadowCopyRef
 from .config import Config, ShareConfig
 from .constants import FSRVP_MAX_VERSION, FSRVP_MIN_VERSION, HResult
-from .logs import set_fields
+from .logs import HRESULT as HRESULT_FIELD, set_fields
 from .observer import Observer
 from .state import Refused, ShadowCopy, ShadowCopyMachine, ShadowCopySet, Status
 from .store import StateStore
@@ -169,7 +169,8 @@ class FsrvpService:
         try:
             return await handler(request, caller)
         except Refused as refused:
-            log.info("%s from %s refused: %s", type(request).__name__.removesuffix("Request"), _who(caller), refused)
+            log.info("%s from %s refused: %s", type(request).__name__.removesuffix("Request"), _who(caller), refused,
+                     extra={HRESULT_FIELD: f"{int(refused.result):#010x}"})
             return m.failure_response(request, int(refused.result))
 
     def _persist(self, *changed: ShadowCopySet, deleted: list[ShadowCopySet] = ()) -> None:

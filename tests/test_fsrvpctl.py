@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from fsrvpd import messages as m
+from fsrvpd.constants import HResult
 from tests.support.daemon import FsrvpDaemon, ours_on_storage
 from tests.support.zfs import zfs
 
@@ -33,8 +35,13 @@ def ctl_json(daemon: FsrvpDaemon, *args: str):
 def test_status_sets_shares_and_delete(daemon):
     with daemon.client() as client:
         set_id = client.backup_cycle(["vms", "sql"])[0].set_id
+        assert client.call(m.CommitShadowCopySetRequest(set_id, 1000)).result == HResult.FSRVP_E_BAD_STATE
     status = daemon.ctl("status")
     assert status.returncode == OK and "sets:        1 Exposed" in status.stdout, status
+    assert f"refused: FSRVP_E_BAD_STATE: set {set_id} is Exposed" in status.stdout  # why the call failed
+    problem, = ctl_json(daemon, "status")["recent_problems"]
+    assert problem["fields"]["FSRVP_OPERATION"] == "CommitShadowCopySet"
+    assert problem["fields"]["FSRVP_HRESULT"] == "0x80042301" and problem["fields"]["FSRVP_SET_ID"] == str(set_id)
     print(status.stdout)  # the README's samples come from here (pytest -s)
     sets = daemon.ctl("sets")
     assert sets.returncode == OK and str(set_id) in sets.stdout and "Exposed" in sets.stdout
