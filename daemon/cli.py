@@ -6,10 +6,9 @@ import argparse
 import asyncio
 import getpass
 import logging
-import signal
 import sys
 
-from . import __version__
+from . import __version__, logs
 from .config import Config, ConfigError, load
 from .hostnames import host_names_and_addresses
 
@@ -26,38 +25,25 @@ def nt_hash(password: str) -> str:
     return compute_nthash(password).hex()
 
 
-async def serve(config: Config) -> None:
-    """Build the daemon from its parts, serve until SIGINT/SIGTERM, then stop cleanly."""
+async def serve(config: Config, log_destination: str = "stderr") -> None:
+    """Build the daemon from its parts and run it until SIGINT/SIGTERM (see supervisor.py)."""
     from .backends.zfs import ZfsBackend
-    from .rpcserver import serve_pipe
+    from .metrics import Metrics
     from .runner import CommandRunner
     from .service import FsrvpService
     from .store import StateStore
-    from .transports.base import ShareSpec
+    from .supervisor import Supervisor
     from .transports.embedded import EmbeddedFrontDoor
 
+    metrics = Metrics(__version__)
     runner = CommandRunner(default_timeout=config.command_timeout)
     backends = {"zfs": ZfsBackend(runner, config.mount_root, config.command_timeout)}
-    front_door = EmbeddedFrontDoor(config.listen, config.port, config.users, config.netbios_name, config.domain)
+    front_door = EmbeddedFrontDoor(config.listen, config.port, config.users, config.netbios_name, config.domain,
+                                   observer=metrics)
     store = StateStore(config.state_dir)
-    service = FsrvpService(config, store, backends, front_door, extra_host_names=host_names_and_addresses())
-    await service.start()
-    for share in config.shares.values():
-        await front_door.publish_share(ShareSpec(share.name, share.path, read_only=False, comment=share.comment))
-    await front_door.start(lambda reader, writer, caller: serve_pipe(service, reader, writer, caller))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    timers = asyncio.create_task(service.run_timers())
-    log.info("fsrvpd %s serving \\\\%s on %s:%d (%s front door), shares: %s", __version__, config.netbios_name,
-             config.listen, config.port, config.front_door, ", ".join(s.name for s in config.shares.values()))
-    await stop.wait()
-    log.info("stopping")
-    timers.cancel()
-    async with service.lock:  # let a call in flight finish its storage work
-        await front_door.stop()
-    store.close()
+    service = FsrvpService(config, store, backends, front_door, extra_host_names=host_names_and_addresses(),
+                           observer=metrics)
+    await Supervisor(service, front_door, runner, metrics, log_destination).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{args.config}: OK ({len(config.shares)} share(s), {len(config.users)} user(s))")
         return 0
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_destination = logs.setup(config.log_level)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, log_destination))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1

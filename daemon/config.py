@@ -15,6 +15,7 @@ import re
 import yaml
 
 DEFAULT_STATE_DIR = "/var/lib/fsrvpd"
+DEFAULT_ADMIN_SOCKET = "/run/fsrvpd/admin.sock"  # systemd's RuntimeDirectory=fsrvpd
 BACKENDS = ("zfs",)
 FRONT_DOORS = ("embedded",)
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -60,6 +61,9 @@ class Config:
     command_timeout: float
     shares: dict[str, ShareConfig]  # keyed by casefolded share name
     log_level: str
+    metrics_listen: str
+    metrics_port: int | None  # None: no metrics endpoint
+    admin_socket: str
 
     def share(self, name: str) -> ShareConfig | None:
         """SMB share names are case-insensitive."""
@@ -130,7 +134,16 @@ class _Section:
             raise self.error(key, f"{value!r} is not one of {', '.join(choices)}")
         return value
 
-    def number(self, key: str, default: float, minimum: float, maximum: float, integer: bool = False) -> float:
+    def ip_address(self, key: str, default: str) -> str:
+        value = self.text(key, default)
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise self.error(key, f"{value!r} is not an IP address") from None
+        return value
+
+    def number(self, key: str, default: float | None, minimum: float, maximum: float,
+               integer: bool = False) -> float | None:
         node = self._scalar(key, False)
         if node is None:
             return default
@@ -203,11 +216,7 @@ def parse(text: str, source: str = "<config>") -> Config:
 
     front = top.section("front_door")
     mode = front.choice("mode", FRONT_DOORS, "embedded")
-    listen = front.text("listen", "0.0.0.0")
-    try:
-        ipaddress.ip_address(listen)
-    except ValueError:
-        raise front.error("listen", f"{listen!r} is not an IP address") from None
+    listen = front.ip_address("listen", "0.0.0.0")
     port = int(front.number("port", 445, 1, 65535, integer=True))
     front.finish()
 
@@ -249,12 +258,22 @@ def parse(text: str, source: str = "<config>") -> Config:
     logging_section = top.section("logging")
     log_level = logging_section.choice("level", LOG_LEVELS, "info")
     logging_section.finish()
+
+    metrics = top.section("metrics")
+    metrics_listen = metrics.ip_address("listen", "127.0.0.1")
+    metrics_port = metrics.number("port", None, 1, 65535, integer=True)
+    metrics.finish()
+
+    admin = top.section("admin")
+    admin_socket = admin.absolute_path("socket", DEFAULT_ADMIN_SOCKET)
+    admin.finish()
     top.finish()
 
     return Config(source=source, netbios_name=netbios_name, fqdn=fqdn, aliases=aliases, front_door=mode,
                   listen=listen, port=port, domain=domain, users=users, state_dir=state_dir, mount_root=mount_root,
                   sequence_timeout=sequence_timeout, sequence_timeout_long=sequence_timeout_long,
-                  command_timeout=command_timeout, shares=shares, log_level=log_level)
+                  command_timeout=command_timeout, shares=shares, log_level=log_level,
+                  metrics_listen=metrics_listen, metrics_port=metrics_port, admin_socket=admin_socket)
 
 
 def load(path: str) -> Config:

@@ -21,6 +21,8 @@ from . import messages as m
 from .backends.base import Backend, BackendError, FileStore, NotSupported, ShadowCopyRef
 from .config import Config, ShareConfig
 from .constants import FSRVP_MAX_VERSION, FSRVP_MIN_VERSION, HResult
+from .logs import HRESULT as HRESULT_FIELD, set_fields
+from .observer import Observer
 from .state import Refused, ShadowCopy, ShadowCopyMachine, ShadowCopySet, Status
 from .store import StateStore
 from .transports.base import Caller, FrontDoor, ShareSpec
@@ -34,7 +36,7 @@ GLOBALS_KEY = "globals"
 
 
 def copy_ref(scs: ShadowCopySet, copy: ShadowCopy) -> ShadowCopyRef:
-    return ShadowCopyRef(set_id=scs.set_id, copy_id=copy.copy_id, store=FileStore(**copy.store))
+    return ShadowCopyRef(set_id=scs.set_id, copy_id=copy.copy_id, store=FileStore(**copy.store), source=copy.source)
 
 
 def _who(caller: Caller) -> str:
@@ -45,14 +47,16 @@ class FsrvpService:
     """Answers the 13 FSRVP operations; see the module docstring for the order of effects."""
 
     def __init__(self, config: Config, store: StateStore, backends: dict[str, Backend], front_door: FrontDoor,
-                 clock: Callable[[], float] = time.time, extra_host_names: frozenset[str] = frozenset()):
-        self.config = config
+                 clock: Callable[[], float] = time.time, extra_host_names: frozenset[str] = frozenset(),
+                 observer: Observer | None = None):
         self.store = store
         self.backends = backends
         self.front_door = front_door
         self.clock = clock
-        self.host_names = config.own_host_names() | {name.casefold() for name in extra_host_names}
+        self.extra_host_names = frozenset(name.casefold() for name in extra_host_names)
+        self.observer = observer or Observer()
         self.machine = ShadowCopyMachine(config.sequence_timeout, config.sequence_timeout_long)
+        self.reconfigure(config)
         self.lock = asyncio.Lock()
         self.removal_pending = False  # some storage could not be removed yet: sweep soon
         self.handlers = {
@@ -72,6 +76,12 @@ class FsrvpService:
         }
 
     # -- life cycle ---------------------------------------------------------------------------
+    def reconfigure(self, config: Config) -> None:
+        """Take a (re)loaded configuration: shares, host names and timer values apply to the next call."""
+        self.config = config
+        self.host_names = config.own_host_names() | self.extra_host_names
+        self.machine.set_timeouts(config.sequence_timeout, config.sequence_timeout_long)
+
     async def start(self) -> None:
         """Reload the durable state, undo what a crash interrupted, republish exposures, sweep."""
         self.machine.restore(self.store.load_sets(), self.store.load_setting(GLOBALS_KEY))
@@ -107,38 +117,55 @@ class FsrvpService:
                 last_sweep = time.monotonic()
                 await self.sweep()
 
-    async def expire(self) -> None:
+    async def expire(self) -> list[ShadowCopySet]:
         async with self.lock:
             expired = self.machine.expire(self.clock())
             if not expired:
-                return
+                return []
             for scs in expired:
                 log.warning("sequence timer expired: removing set %s (%s) of %s and its snapshots", scs.set_id,
-                            scs.status.value, scs.client_address)
+                            scs.status.value, scs.client_address, extra=set_fields(scs))
             self._persist(deleted=expired)
             for scs in expired:
                 await self._destroy(scs, scs.copies)
+            self.observer.timer_expired(len(expired))
+            return expired
 
-    async def sweep(self) -> None:
-        """Remove storage objects carrying our tags that no set in the state owns any more."""
+    async def sweep(self) -> int:
+        """Remove storage objects carrying our tags that no set in the state owns any more; count them.
+
+        Only in the pools of the configured shares and of the sets: another fsrvpd on the host (a
+        test's, say) keeps its own objects elsewhere, and they are not ours to judge.
+        """
+        removed = 0
+        scope = {(store.backend, store.group) for _, store in await self._configured_stores()}
         async with self.lock:
             self.removal_pending = False
+            scope |= {(c.store["backend"], c.store["group"]) for s in self.machine.sets.values() for c in s.copies}
             for backend in self.backends.values():
                 try:
                     owned = await asyncio.to_thread(backend.owned)
                 except BackendError as exc:
                     log.error("cannot list %s objects to sweep: %s", backend.name, exc)
                     continue
+                orphans = left = 0
                 for obj in owned:
+                    if obj.group is not None and (backend.name, obj.group) not in scope:
+                        continue
                     scs = self.machine.sets.get(obj.set_id)
                     if scs is not None and (obj.copy_id is None or scs.copy(obj.copy_id) is not None):
                         continue
+                    orphans += 1
                     log.warning("removing orphaned %s %s (set %s)", obj.kind, obj.name, obj.set_id)
                     try:
                         await asyncio.to_thread(backend.remove_owned, obj)
                     except BackendError as exc:
+                        left += 1
                         log.error("cannot remove orphaned %s %s yet: %s", obj.kind, obj.name, exc)
                         self.removal_pending = True
+                self.observer.swept(backend.name, orphans, left)
+                removed += orphans - left
+        return removed
 
     # -- dispatch -----------------------------------------------------------------------------
     async def handle(self, request, caller: Caller):
@@ -147,7 +174,8 @@ class FsrvpService:
         try:
             return await handler(request, caller)
         except Refused as refused:
-            log.info("%s from %s refused: %s", type(request).__name__.removesuffix("Request"), _who(caller), refused)
+            log.info("%s from %s refused: %s", type(request).__name__.removesuffix("Request"), _who(caller), refused,
+                     extra={HRESULT_FIELD: f"{int(refused.result):#010x}"})
             return m.failure_response(request, int(refused.result))
 
     def _persist(self, *changed: ShadowCopySet, deleted: list[ShadowCopySet] = ()) -> None:
@@ -164,6 +192,16 @@ class FsrvpService:
         if share is None:
             raise Refused(HResult.FSRVP_E_OBJECT_NOT_FOUND, f"no share {parsed.share!r} is configured")
         return share
+
+    async def _configured_stores(self) -> list[tuple[ShareConfig, FileStore]]:
+        """The file store of every configured share that has one (those that cannot be shadow-copied left out)."""
+        found = []
+        for share in self.config.shares.values():
+            try:
+                found.append((share, await self._file_store(share)))
+            except Refused:
+                continue
+        return found
 
     async def _file_store(self, share: ShareConfig) -> FileStore:
         backend = self.backends[share.backend]
@@ -338,6 +376,55 @@ class FsrvpService:
             await self._destroy(scs, [copy])
         log.info("set %s: copy %s of %s deleted by %s", scs.set_id, copy.copy_id, share.name, _who(caller))
         return m.failure_response(request, 0)
+
+    # -- administration (fsrvpctl) -------------------------------------------------------------
+    async def delete_set(self, set_id: uuid.UUID) -> ShadowCopySet:
+        """An admin removes a set with its shares and storage, whatever its status (Refused if unknown)."""
+        async with self.lock:
+            scs = self.machine.discard(set_id)
+            self._persist(deleted=[scs])
+            await self._destroy(scs, scs.copies)
+        log.warning("set %s (%s) deleted by the administrator", scs.set_id, scs.status.value, extra=set_fields(scs))
+        return scs
+
+    async def expose_snapshot(self, snapshot: str) -> ShadowCopySet:
+        """Publish an existing snapshot of a configured share read-only, e.g. for a restore.
+
+        It becomes a Recovered set of one copy whose share is `share@{GUID}`; deleting the set
+        removes the clone and the share, never the snapshot.  Refused(OBJECT_NOT_FOUND) names the
+        shares when no configured share's file store has that snapshot's name.
+        """
+        store_name = snapshot.partition("@")[0]
+        stores = await self._configured_stores()
+        match = next(((share, store) for share, store in stores if store.name == store_name and "@" in snapshot),
+                     None)
+        if match is None:
+            raise Refused(HResult.FSRVP_E_OBJECT_NOT_FOUND,
+                          f"{snapshot!r} is not a snapshot of a configured share's file store ("
+                          + ", ".join(f"{share.name}: {store.name}" for share, store in stores) + ")")
+        share, store = match
+        async with self.lock:
+            scs = self.machine.restore_set(share.name, f"\\\\{self.config.netbios_name}\\{share.name}\\",
+                                           dataclasses.asdict(store), snapshot, self.clock())
+            self._persist(scs)  # intent: the clone and the share are about to exist
+            copy = scs.copies[0]
+            try:
+                copy.exposed_path = await asyncio.to_thread(self.backends[store.backend].expose,
+                                                            copy_ref(scs, copy), False)
+            except BackendError as exc:
+                self.machine.discard(scs.set_id)
+                self._persist(deleted=[scs])
+                await self._remove_storage(scs, scs.copies)
+                raise Refused(HResult.FSRVP_E_WAIT_FAILED, str(exc)) from None
+            self._persist(scs)
+            await self._publish(copy)
+        log.info("snapshot %s exposed read-only as share %s by the administrator", snapshot, copy.exposed_name,
+                 extra=set_fields(scs))
+        return scs
+
+    async def prune(self) -> dict[str, int]:
+        """Now rather than on the timers' schedule: drop expired sets and remove orphaned storage."""
+        return {"expired_sets": len(await self.expire()), "orphans_removed": await self.sweep()}
 
     # -- effects ------------------------------------------------------------------------------
     async def _publish(self, copy: ShadowCopy) -> None:

@@ -59,6 +59,7 @@ class FsrvpDaemon:
         self.port = free_port()
         self.config_path = directory / "fsrvpd.yaml"
         self.log_path = directory / "fsrvpd.log"
+        self.admin_socket = str(directory / "admin.sock")
         self.paths: dict[str, str] = {}
         self.datasets: dict[str, str] = {}
         for share in shares:
@@ -72,15 +73,19 @@ class FsrvpDaemon:
             "timers": {"sequence_seconds": sequence_seconds, "sequence_long_seconds": sequence_long_seconds},
             "shares": {share: {"path": path, "backend": "zfs"} for share, path in self.paths.items()},
             "logging": {"level": "debug"},
+            "admin": {"socket": self.admin_socket},
         }
         self.process: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}  # added to the daemon's environment
+        self.wrapper: list[str] = []  # a command that runs the daemon's command line given as its arguments
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> FsrvpDaemon:
         self.config_path.write_text(yaml.safe_dump(self.config))
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "fsrvpd", "run", "-c", str(self.config_path)],
-                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen([*self.wrapper, sys.executable, "-m", "fsrvpd", "run", "-c",
+                                         str(self.config_path)], stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True, env={**os.environ, **self.env})
         log.close()
         deadline = time.monotonic() + START_SECONDS
         while not self._listening():
@@ -128,6 +133,11 @@ class FsrvpDaemon:
         proc = subprocess.run(["smbclient", "-p", str(self.port), "-U", f"{user}%{password}",
                                f"//127.0.0.1/{share}", "-c", command], capture_output=True, text=True, timeout=120)
         return proc.stdout + proc.stderr
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess:
+        """fsrvpctl against this daemon's admin socket."""
+        return subprocess.run([sys.executable, "-m", "fsrvpd.ctl", "-s", self.admin_socket, *args],
+                              capture_output=True, text=True, timeout=120)
 
     def client(self, **kwargs) -> FsrvpClient:
         """Our own client, connected; host names in UNCs are the NetBIOS name unless told otherwise."""
