@@ -33,31 +33,62 @@ async def serve(config: Config) -> None:
     from .runner import CommandRunner
     from .service import FsrvpService
     from .store import StateStore
-    from .transports.base import ShareSpec
-    from .transports.embedded import EmbeddedFrontDoor
 
     runner = CommandRunner(default_timeout=config.command_timeout)
     backends = {"zfs": ZfsBackend(runner, config.mount_root, config.command_timeout)}
-    front_door = EmbeddedFrontDoor(config.listen, config.port, config.users, config.netbios_name, config.domain)
+    if config.front_door == "samba":
+        config, front_door, share_lookup = _samba_front_door(config, runner)
+    else:
+        front_door, share_lookup = _embedded_front_door(config), None
     store = StateStore(config.state_dir)
-    service = FsrvpService(config, store, backends, front_door, extra_host_names=host_names_and_addresses())
+    service = FsrvpService(config, store, backends, front_door, extra_host_names=host_names_and_addresses(),
+                           share_lookup=share_lookup)
     await service.start()
-    for share in config.shares.values():
-        await front_door.publish_share(ShareSpec(share.name, share.path, read_only=False, comment=share.comment))
+    if config.front_door == "embedded":
+        from .transports.base import ShareSpec
+        for share in config.shares.values():
+            await front_door.publish_share(ShareSpec(share.name, share.path, read_only=False, comment=share.comment))
     await front_door.start(lambda reader, writer, caller: serve_pipe(service, reader, writer, caller))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     timers = asyncio.create_task(service.run_timers())
-    log.info("fsrvpd %s serving \\\\%s on %s:%d (%s front door), shares: %s", __version__, config.netbios_name,
-             config.listen, config.port, config.front_door, ", ".join(s.name for s in config.shares.values()))
+    where = f"{config.listen}:{config.port}" if config.front_door == "embedded" else f"smbd ({config.smb_conf})"
+    log.info("fsrvpd %s serving \\\\%s behind %s (%s front door)", __version__, config.netbios_name, where,
+             config.front_door)
     await stop.wait()
     log.info("stopping")
     timers.cancel()
     async with service.lock:  # let a call in flight finish its storage work
         await front_door.stop()
     store.close()
+
+
+def _embedded_front_door(config: Config):
+    from .transports.embedded import EmbeddedFrontDoor
+
+    return EmbeddedFrontDoor(config.listen, config.port, config.users, config.netbios_name, config.domain)
+
+
+def _samba_front_door(config: Config, runner):
+    """Check Samba's setup and take the pipe socket before anything else; then Samba's names and
+    shares replace the YAML's: UNCs name smbd's host, shares are smbd's."""
+    import dataclasses
+    import os
+
+    from .samba import SambaShareCatalog, SambaTools
+    from .transports.samba import SambaFrontDoor, bind_pipe_socket, check_samba_settings
+
+    tools = SambaTools(runner, config.smb_conf, os.path.join(config.state_dir, "tmp"))
+    front_door = SambaFrontDoor(tools, bind_pipe_socket(check_samba_settings(tools)))
+    catalog = SambaShareCatalog(tools, config.shares)
+    catalog.refresh()
+    netbios_name = tools.parameter("netbios name").upper()
+    aliases = tuple(tools.parameter("netbios aliases").replace(",", " ").split())
+    config = dataclasses.replace(config, netbios_name=netbios_name, aliases=config.aliases + aliases,
+                                 domain=tools.parameter("workgroup"))
+    return config, front_door, catalog.lookup
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,9 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: OK ({len(config.shares)} share(s), {len(config.users)} user(s))")
         return 0
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .samba import SambaError
+    from .transports.samba import SambaSetupError
+
     try:
         asyncio.run(serve(config))
-    except OSError as exc:
+    except (OSError, SambaError, SambaSetupError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0

@@ -18,10 +18,11 @@ import uuid
 from typing import Callable
 
 from . import messages as m
+from .authz import Authorizer, changes_state
 from .backends.base import Backend, BackendError, FileStore, NotSupported, ShadowCopyRef
 from .config import Config, ShareConfig
 from .constants import FSRVP_MAX_VERSION, FSRVP_MIN_VERSION, HResult
-from .state import Refused, ShadowCopy, ShadowCopyMachine, ShadowCopySet, Status
+from .state import Refused, ShadowCopy, ShadowCopyMachine, ShadowCopySet, Status, is_exposed_share_name
 from .store import StateStore
 from .transports.base import Caller, FrontDoor, ShareSpec
 from .unc import BadUnc, parse_unc
@@ -44,8 +45,13 @@ class FsrvpService:
     """Answers the 13 FSRVP operations; see the module docstring for the order of effects."""
 
     def __init__(self, config: Config, store: StateStore, backends: dict[str, Backend], front_door: FrontDoor,
-                 clock: Callable[[], float] = time.time, extra_host_names: frozenset[str] = frozenset()):
+                 clock: Callable[[], float] = time.time, extra_host_names: frozenset[str] = frozenset(),
+                 authorizer: Authorizer | None = None,
+                 share_lookup: Callable[[str], ShareConfig | None] | None = None):
+        """`share_lookup` finds a base share by name (default: the YAML's shares; Samba's in samba mode)."""
         self.config = config
+        self.authorizer = authorizer or Authorizer([*config.users, *config.allowed])
+        self.share_lookup = share_lookup or config.share
         self.store = store
         self.backends = backends
         self.front_door = front_door
@@ -91,6 +97,7 @@ class FsrvpService:
                     if copy.exposed_path:
                         await self._publish(copy)
         log.info("state reloaded: %d shadow copy set(s)", len(self.machine.sets))
+        await self._remove_orphaned_shares()
         await self.expire()
         await self.sweep()
 
@@ -116,8 +123,18 @@ class FsrvpService:
             for scs in expired:
                 await self._destroy(scs, scs.copies)
 
+    async def _remove_orphaned_shares(self) -> None:
+        """Withdraw snapshot shares the front door still has but no set in the state exposes."""
+        async with self.lock:
+            live = {c.exposed_name for s in self.machine.sets.values() for c in s.copies if c.exposed_name}
+            for name in self.front_door.share_names():
+                if is_exposed_share_name(name) and name not in live:
+                    log.warning("removing orphaned snapshot share %s", name)
+                    await self.front_door.unpublish_share(name)
+
     async def sweep(self) -> None:
-        """Remove storage objects carrying our tags that no set in the state owns any more."""
+        """Remove shares and storage objects carrying our tags that no set in the state owns any more."""
+        await self._remove_orphaned_shares()
         async with self.lock:
             for backend in self.backends.values():
                 try:
@@ -139,6 +156,10 @@ class FsrvpService:
     async def handle(self, request, caller: Caller):
         """Answer one decoded request; refusals become HRESULTs, never exceptions."""
         handler = self.handlers[type(request)]
+        if changes_state(request) and not self.authorizer.allows(caller):
+            log.warning("%s from %s refused: E_ACCESSDENIED (not in Administrators, Backup Operators or the "
+                        "configured allow list)", type(request).__name__.removesuffix("Request"), _who(caller))
+            return m.failure_response(request, int(HResult.E_ACCESSDENIED))
         try:
             return await handler(request, caller)
         except Refused as refused:
@@ -155,7 +176,7 @@ class FsrvpService:
             parsed = parse_unc(unc, self.host_names)
         except BadUnc as exc:
             raise Refused(HResult.E_INVALIDARG, str(exc)) from None
-        share = self.config.share(parsed.share)
+        share = self.share_lookup(parsed.share)
         if share is None:
             raise Refused(HResult.FSRVP_E_OBJECT_NOT_FOUND, f"no share {parsed.share!r} is configured")
         return share
@@ -338,7 +359,7 @@ class FsrvpService:
     async def _publish(self, copy: ShadowCopy) -> None:
         await self.front_door.publish_share(ShareSpec(name=copy.exposed_name, path=copy.exposed_path,
                                                       read_only=copy.read_only,
-                                                      comment=f"shadow copy of {copy.share}"))
+                                                      comment=f"shadow copy of {copy.share}", base=copy.share))
 
     async def _withdraw(self, scs: ShadowCopySet) -> None:
         """Undo a half-made exposure: shares first, then the clones (snapshots stay)."""

@@ -20,6 +20,7 @@ class Caller:
     user: str
     domain: str
     address: str  # the client's IP address, for SetContext's same-client rule
+    sids: frozenset[str] = frozenset()  # the session token's SIDs, where the front door knows them (Samba)
 
 
 PipeHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, Caller], Awaitable[None]]
@@ -33,6 +34,7 @@ class ShareSpec:
     path: str
     read_only: bool
     comment: str = ""
+    base: str | None = None  # for a snapshot share: the share it is a copy of (Samba copies its settings)
 
 
 class FrontDoor(abc.ABC):
