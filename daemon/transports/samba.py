@@ -192,10 +192,9 @@ class SambaFrontDoor(FrontDoor):
             for task in still_running:
                 task.cancel()
             await asyncio.gather(*still_running, return_exceptions=True)
-        if self._socket.fileno() != -1:
-            self._socket.close()
-            if self._socket_is_ours():
-                os.unlink(self._socket_path)
+        self._socket.close()
+        if self._socket_is_ours():  # not after samba-dcerpcd took the path over
+            os.unlink(self._socket_path)
 
     def _socket_is_ours(self) -> bool:
         try:
