@@ -2,10 +2,10 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := zfs-fuse samba-common-bin smbclient
+APT_PACKAGES := zfs-fuse samba samba-common-bin smbclient
 DEMO_DIR ?= /var/tmp/fsrvpd-demo
 
-.PHONY: deps demo test check-config clean
+.PHONY: deps demo demo-samba test check-config clean
 
 # Idempotent: Debian packages for the real peers and storage, a venv with fsrvpd installed.
 deps: $(VENV)/.installed
@@ -24,6 +24,11 @@ $(VENV)/.installed: pyproject.toml
 # A working demo: file-backed ZFS pool, share `vms`, user backup/backup, embedded SMB on 127.0.0.1:1445.
 demo: deps
 	DEMO_DIR=$(DEMO_DIR) FSRVPD=$(VENV)/bin/fsrvpd scripts/demo.sh
+
+# The production shape: the same pool and share behind a private smbd on 127.0.0.1:1446 (SMB3),
+# fsrvpd in samba mode serving \PIPE\FssagentRpc for it; smbd is started and stopped here.
+demo-samba: deps
+	DEMO_DIR=$(DEMO_DIR) FSRVPD=$(VENV)/bin/fsrvpd scripts/demo-samba.sh
 
 # The whole suite; .ci/run calls exactly this.
 test: deps

@@ -36,6 +36,10 @@ ADMIN, ADMIN_PASSWORD = "root", "admin-pw"
 LIBEXEC = "/usr/libexec/samba"
 DCERPCD_HELPERS = ("rpcd_classic", "rpcd_winreg", "rpcd_lsad", "rpcd_epmapper")  # srvsvc needs winreg
 START_SECONDS = 30.0
+# The [global] lines the README tells admins to add, exactly as shipped.
+FSRVPD_LINES = "".join(f"    {line}\n" for line in
+                       (Path(__file__).parents[2] / "etc" / "samba" / "fsrvpd.conf").read_text().splitlines()
+                       if line.strip() and not line.startswith("#"))
 
 
 def ensure_samba() -> None:
@@ -81,10 +85,7 @@ class SambaServer:
     ncalrpc dir = {dirs['ncalrpc']}
     passdb backend = tdbsam:{dirs['private']}/passdb.tdb
     log file = {dirs['log']}/%m.log
-    registry shares = yes
-    include = registry
-    rpc start on demand helpers = {'yes' if on_demand_helpers else 'no'}
-    load printers = no
+{FSRVPD_LINES}{'    rpc start on demand helpers = yes' + chr(10) if on_demand_helpers else ''}    load printers = no
     disable spoolss = yes
     server min protocol = SMB3
 """)
