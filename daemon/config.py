@@ -81,25 +81,30 @@ class Config:
 class _Section:
     """A YAML mapping being read: typed getters that know the key's line, and unknown-key checks."""
 
-    def __init__(self, source: str, node: yaml.Node | None, path: str):
+    def __init__(self, source: str, node: yaml.Node | None, path: str, line: int | None = None):
         self.source, self.path = source, path
-        self.line = node.start_mark.line + 1 if node is not None else None
+        # The line of the section's own key if it has one: a block mapping starts a line below it.
+        self.line = line or (node.start_mark.line + 1 if node is not None else None)
         if node is not None and not isinstance(node, yaml.MappingNode):
             raise ConfigError(source, self.line, path or "(top level)", "must be a mapping of keys to values")
         self.items: dict[str, yaml.Node] = {}
+        self.key_lines: dict[str, int] = {}
         for key_node, value_node in node.value if node is not None else []:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise ConfigError(source, key_node.start_mark.line + 1, path or "(top level)",
+                                  "keys must be plain names, not lists or mappings")
             key = str(key_node.value)
             if key in self.items:
                 raise ConfigError(source, key_node.start_mark.line + 1, self._key(key), "appears twice")
             self.items[key] = value_node
+            self.key_lines[key] = key_node.start_mark.line + 1
         self.used: set[str] = set()
 
     def _key(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
     def error(self, key: str, message: str) -> ConfigError:
-        node = self.items.get(key)
-        return ConfigError(self.source, node.start_mark.line + 1 if node else self.line, self._key(key), message)
+        return ConfigError(self.source, self.key_lines.get(key, self.line), self._key(key), message)
 
     def _scalar(self, key: str, required: bool) -> yaml.ScalarNode | None:
         self.used.add(key)
@@ -118,7 +123,7 @@ class _Section:
         if node is None:
             return default
         value = str(node.value)
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):
             raise self.error(key, f"{value!r} is not valid{': ' + hint if hint else ''}")
         return value
 
@@ -160,7 +165,7 @@ class _Section:
         node = self.items.get(key)
         if node is not None and isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
             node = None
-        return _Section(self.source, node, self._key(key))
+        return _Section(self.source, node, self._key(key), self.key_lines.get(key))
 
     def subsections(self, key: str) -> list[tuple[str, _Section]]:
         parent = self.section(key)
@@ -180,7 +185,15 @@ def parse(text: str, source: str = "<config>") -> Config:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(source, mark.line + 1 if mark else None, "", f"not valid YAML: {exc}") from None
+        if mark is not None:
+            line = mark.line + 1
+        elif isinstance(exc, yaml.reader.ReaderError):  # a forbidden character: only its offset is known
+            line = text.count("\n", 0, exc.position) + 1
+        else:
+            line = None
+        raise ConfigError(source, line, "", f"not valid YAML: {exc}") from None
+    if root is None:
+        raise ConfigError(source, 1, "(top level)", "has no settings (the file is empty or only comments)")
     top = _Section(source, root, "")
 
     server = top.section("server")
@@ -226,7 +239,7 @@ def parse(text: str, source: str = "<config>") -> Config:
 
     shares: dict[str, ShareConfig] = {}
     for name, share in top.subsections("shares"):
-        if not SHARE_NAME.match(name):
+        if not SHARE_NAME.fullmatch(name):
             raise top.section("shares").error(name, "is not a valid SMB share name")
         if name.casefold() in shares:
             raise top.section("shares").error(name, "differs from another share only in case")
@@ -260,8 +273,12 @@ def parse(text: str, source: str = "<config>") -> Config:
 
 def load(path: str) -> Config:
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        with open(path, "rb") as handle:
+            data = handle.read()
     except OSError as exc:
         raise ConfigError(path, None, "", f"cannot read: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, data.count(b"\n", 0, exc.start) + 1, "", "is not UTF-8 text") from None
     return parse(text, path)
