@@ -3,11 +3,13 @@ The e2e module (test_e2e_samba.py) runs all of them against a real smbd."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fsrvpd import messages as m
 from fsrvpd.authz import Authorizer, changes_state
-from fsrvpd.config import ConfigError, parse
+from fsrvpd.config import ConfigError, load, parse
 from fsrvpd.samba import (OWNER_PARAMETER, SambaError, base_shares, owned_shares, parse_smb_conf, render_share,
                           snapshot_share_parameters)
 from fsrvpd.state import exposed_share_name, is_exposed_share_name
@@ -102,3 +104,8 @@ def test_pdus_are_split_for_message_mode_and_addresses_unmapped():
     pdu = lambda size: bytes(8) + size.to_bytes(2, "little") + bytes(size - 10)  # noqa: E731
     assert [len(p) for p in _pdus(pdu(24) + pdu(40) + b"tail")] == [24, 40, 4]
     assert _client_address("::ffff:192.0.2.7") == "192.0.2.7" and _client_address("fd00::7") == "fd00::7"
+
+
+def test_samba_example_configuration_parses():
+    example = load(str(Path(__file__).parents[1] / "etc" / "fsrvpd-samba.example.yaml"))
+    assert example.front_door == "samba" and example.share("vms").store == "tank/vms"
