@@ -23,6 +23,7 @@ import time
 
 from .config import ShareConfig
 from .runner import CommandFailed, CommandRunner
+from .transports.base import FrontDoorError
 
 log = logging.getLogger("fsrvpd.samba")
 
@@ -35,7 +36,7 @@ NOT_COPIED = {"path", "directory", "read only", "writeable", "writable", "write 
               "copy", "include", "comment", OWNER_PARAMETER}
 
 
-class SambaError(Exception):
+class SambaError(FrontDoorError):
     """A Samba tool failed, or Samba's configuration is not what fsrvpd needs."""
 
 

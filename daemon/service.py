@@ -24,7 +24,7 @@ from .config import Config, ShareConfig
 from .constants import FSRVP_MAX_VERSION, FSRVP_MIN_VERSION, HResult
 from .state import Refused, ShadowCopy, ShadowCopyMachine, ShadowCopySet, Status, is_exposed_share_name
 from .store import StateStore
-from .transports.base import Caller, FrontDoor, ShareSpec
+from .transports.base import Caller, FrontDoor, FrontDoorError, ShareSpec
 from .unc import BadUnc, parse_unc
 
 log = logging.getLogger("fsrvpd.service")
@@ -95,7 +95,10 @@ class FsrvpService:
             for scs in self.machine.sets.values():
                 for copy in scs.copies:
                     if copy.exposed_path:
-                        await self._publish(copy)
+                        try:
+                            await self._publish(copy)
+                        except FrontDoorError as exc:
+                            log.error("cannot republish %s: %s", copy.exposed_name, exc)
         log.info("state reloaded: %d shadow copy set(s)", len(self.machine.sets))
         await self._remove_orphaned_shares()
         await self.expire()
@@ -130,7 +133,7 @@ class FsrvpService:
             for name in self.front_door.share_names():
                 if is_exposed_share_name(name) and name not in live:
                     log.warning("removing orphaned snapshot share %s", name)
-                    await self.front_door.unpublish_share(name)
+                    await self._unpublish(name)
 
     async def sweep(self) -> None:
         """Remove shares and storage objects carrying our tags that no set in the state owns any more."""
@@ -283,7 +286,7 @@ class FsrvpService:
                                                                 not copy.read_only)
                     self._persist(scs)
                     await self._publish(copy)
-            except BackendError as exc:
+            except (BackendError, FrontDoorError) as exc:
                 log.error("expose of set %s failed: %s", scs.set_id, exc)
                 result = HResult.FSRVP_E_WAIT_FAILED
             elapsed_ms = (time.monotonic() - started) * 1000
@@ -306,7 +309,11 @@ class FsrvpService:
             self._persist(scs)
             if scs.auto_recovery:
                 for copy in scs.copies:
-                    await self._publish(copy)  # the share refuses writes first, then the storage too
+                    try:
+                        await self._publish(copy)  # the share refuses writes first, then the storage too
+                    except FrontDoorError as exc:
+                        log.error("share %s stays writable at the share level (the storage is made read-only "
+                                  "all the same): %s", copy.exposed_name, exc)
                     await asyncio.to_thread(self.backends[copy.store["backend"]].make_read_only, copy_ref(scs, copy))
         log.info("set %s recovered (read-only from now on), said %s", scs.set_id, _who(caller))
         return m.failure_response(request, 0)
@@ -365,15 +372,22 @@ class FsrvpService:
         """Undo a half-made exposure: shares first, then the clones (snapshots stay)."""
         for copy in scs.copies:
             if copy.exposed_name:
-                await self.front_door.unpublish_share(copy.exposed_name)
+                await self._unpublish(copy.exposed_name)
         await self._remove_storage(scs, scs.copies, exposures_only=True)
 
     async def _destroy(self, scs: ShadowCopySet, copies: list[ShadowCopy]) -> None:
         """Withdraw shares and remove storage of copies the state no longer holds."""
         for copy in copies:
             if copy.exposed_name:
-                await self.front_door.unpublish_share(copy.exposed_name)
+                await self._unpublish(copy.exposed_name)
         await self._remove_storage(scs, copies)
+
+    async def _unpublish(self, name: str) -> None:
+        """A share that cannot be withdrawn now is an orphan: the sweep withdraws it later."""
+        try:
+            await self.front_door.unpublish_share(name)
+        except FrontDoorError as exc:
+            log.error("could not withdraw share %s yet (the sweep retries): %s", name, exc)
 
     async def _remove_storage(self, scs: ShadowCopySet, copies: list[ShadowCopy],
                               exposures_only: bool = False) -> None:

@@ -23,6 +23,10 @@ class Caller:
     sids: frozenset[str] = frozenset()  # the session token's SIDs, where the front door knows them (Samba)
 
 
+class FrontDoorError(Exception):
+    """Publishing or withdrawing a share failed (e.g. a Samba tool failed); the message says why."""
+
+
 PipeHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, Caller], Awaitable[None]]
 
 
