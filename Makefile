@@ -2,10 +2,10 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := zfs-fuse samba-common-bin smbclient libsystemd-dev pkg-config
+APT_PACKAGES := zfs-fuse samba samba-common-bin smbclient libsystemd-dev pkg-config
 DEMO_DIR ?= /var/tmp/fsrvpd-demo
 
-.PHONY: deps demo test dist deb check-config clean
+.PHONY: deps demo demo-samba test dist deb check-config clean
 
 # Idempotent: Debian packages for the real peers and storage, a venv with fsrvpd installed.
 deps: $(VENV)/.installed
@@ -25,6 +25,11 @@ $(VENV)/.installed: pyproject.toml
 # metrics on 127.0.0.1:9720, fsrvpctl on $(DEMO_DIR)/admin.sock.
 demo: deps
 	DEMO_DIR=$(DEMO_DIR) FSRVPD=$(VENV)/bin/fsrvpd scripts/demo.sh
+
+# The production shape: the same pool and share behind a private smbd on 127.0.0.1:1446 (SMB3),
+# fsrvpd in samba mode serving \PIPE\FssagentRpc for it; smbd is started and stopped here.
+demo-samba: deps
+	DEMO_DIR=$(DEMO_DIR) FSRVPD=$(VENV)/bin/fsrvpd scripts/demo-samba.sh
 
 # The whole suite; .ci/run calls exactly this.
 test: deps

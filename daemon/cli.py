@@ -33,17 +33,45 @@ async def serve(config: Config, log_destination: str = "stderr") -> None:
     from .service import FsrvpService
     from .store import StateStore
     from .supervisor import Supervisor
-    from .transports.embedded import EmbeddedFrontDoor
 
     metrics = Metrics(__version__)
     runner = CommandRunner(default_timeout=config.command_timeout)
     backends = {"zfs": ZfsBackend(runner, config.mount_root, config.command_timeout)}
-    front_door = EmbeddedFrontDoor(config.listen, config.port, config.users, config.netbios_name, config.domain,
-                                   observer=metrics)
+    if config.front_door == "samba":
+        config, front_door, share_lookup = _samba_front_door(config, runner)
+    else:
+        front_door, share_lookup = _embedded_front_door(config, metrics), None
     store = StateStore(config.state_dir)
     service = FsrvpService(config, store, backends, front_door, extra_host_names=host_names_and_addresses(),
-                           observer=metrics)
+                           observer=metrics, share_lookup=share_lookup)
     await Supervisor(service, front_door, runner, metrics, log_destination).run()
+
+
+def _embedded_front_door(config: Config, metrics):
+    from .transports.embedded import EmbeddedFrontDoor
+
+    return EmbeddedFrontDoor(config.listen, config.port, config.users, config.netbios_name, config.domain,
+                             observer=metrics)
+
+
+def _samba_front_door(config: Config, runner):
+    """Check Samba's setup and take the pipe socket before anything else; then Samba's names and
+    shares replace the YAML's: UNCs name smbd's host, shares are smbd's."""
+    import dataclasses
+    import os
+
+    from .samba import SambaShareCatalog, SambaTools
+    from .transports.samba import SambaFrontDoor, bind_pipe_socket, check_samba_settings
+
+    tools = SambaTools(runner, config.smb_conf, os.path.join(config.state_dir, "tmp"))
+    front_door = SambaFrontDoor(tools, bind_pipe_socket(check_samba_settings(tools)))
+    catalog = SambaShareCatalog(tools, config.shares)
+    catalog.refresh()
+    netbios_name = tools.parameter("netbios name").upper()
+    aliases = tuple(tools.parameter("netbios aliases").replace(",", " ").split())
+    config = dataclasses.replace(config, netbios_name=netbios_name, aliases=config.aliases + aliases,
+                                 domain=tools.parameter("workgroup"), shares=catalog.shares())
+    return config, front_door, catalog.lookup
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,9 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: OK ({len(config.shares)} share(s), {len(config.users)} user(s))")
         return 0
     log_destination = logs.setup(config.log_level)
+    from .samba import SambaError
+    from .transports.samba import SambaSetupError
+
     try:
         asyncio.run(serve(config, log_destination))
-    except OSError as exc:
+    except (OSError, SambaError, SambaSetupError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0

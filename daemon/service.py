@@ -18,14 +18,15 @@ import uuid
 from typing import Callable
 
 from . import messages as m
+from .authz import Authorizer, changes_state
 from .backends.base import Backend, BackendError, FileStore, NotSupported, ShadowCopyRef
 from .config import Config, ShareConfig
 from .constants import FSRVP_MAX_VERSION, FSRVP_MIN_VERSION, HResult
 from .logs import HRESULT as HRESULT_FIELD, set_fields
 from .observer import Observer
-from .state import Refused, ShadowCopy, ShadowCopyMachine, ShadowCopySet, Status
+from .state import Refused, ShadowCopy, ShadowCopyMachine, ShadowCopySet, Status, is_exposed_share_name
 from .store import StateStore
-from .transports.base import Caller, FrontDoor, ShareSpec
+from .transports.base import Caller, FrontDoor, FrontDoorError, ShareSpec
 from .unc import BadUnc, parse_unc
 
 log = logging.getLogger("fsrvpd.service")
@@ -48,7 +49,12 @@ class FsrvpService:
 
     def __init__(self, config: Config, store: StateStore, backends: dict[str, Backend], front_door: FrontDoor,
                  clock: Callable[[], float] = time.time, extra_host_names: frozenset[str] = frozenset(),
-                 observer: Observer | None = None):
+                 observer: Observer | None = None, authorizer: Authorizer | None = None,
+                 share_lookup: Callable[[str], ShareConfig | None] | None = None):
+        """`share_lookup` finds a base share by name (default: the configuration's shares; Samba's in
+        samba mode, where smbd serves them)."""
+        self.authorizer = authorizer or Authorizer([*config.users, *config.allowed])
+        self._share_lookup = share_lookup
         self.store = store
         self.backends = backends
         self.front_door = front_door
@@ -101,8 +107,12 @@ class FsrvpService:
             for scs in self.machine.sets.values():
                 for copy in scs.copies:
                     if copy.exposed_path:
-                        await self._publish(copy)
+                        try:
+                            await self._publish(copy)
+                        except FrontDoorError as exc:
+                            log.error("cannot republish %s: %s", copy.exposed_name, exc)
         log.info("state reloaded: %d shadow copy set(s)", len(self.machine.sets))
+        await self._remove_orphaned_shares()
         await self.expire()
         await self.sweep()
 
@@ -131,12 +141,23 @@ class FsrvpService:
             self.observer.timer_expired(len(expired))
             return expired
 
+    async def _remove_orphaned_shares(self) -> None:
+        """Withdraw snapshot shares the front door still has but no set in the state exposes."""
+        async with self.lock:
+            live = {c.exposed_name for s in self.machine.sets.values() for c in s.copies if c.exposed_name}
+            for name in self.front_door.share_names():
+                if is_exposed_share_name(name) and name not in live:
+                    log.warning("removing orphaned snapshot share %s", name)
+                    await self._unpublish(name)
+
     async def sweep(self) -> int:
-        """Remove storage objects carrying our tags that no set in the state owns any more; count them.
+        """Remove shares and storage objects carrying our tags that no set in the state owns any more;
+        count the storage objects.
 
         Only in the pools of the configured shares and of the sets: another fsrvpd on the host (a
         test's, say) keeps its own objects elsewhere, and they are not ours to judge.
         """
+        await self._remove_orphaned_shares()
         removed = 0
         scope = {(store.backend, store.group) for _, store in await self._configured_stores()}
         async with self.lock:
@@ -171,6 +192,10 @@ class FsrvpService:
     async def handle(self, request, caller: Caller):
         """Answer one decoded request; refusals become HRESULTs, never exceptions."""
         handler = self.handlers[type(request)]
+        if changes_state(request) and not self.authorizer.allows(caller):
+            log.warning("%s from %s refused: E_ACCESSDENIED (not in Administrators, Backup Operators or the "
+                        "configured allow list)", type(request).__name__.removesuffix("Request"), _who(caller))
+            return m.failure_response(request, int(HResult.E_ACCESSDENIED))
         try:
             return await handler(request, caller)
         except Refused as refused:
@@ -188,7 +213,7 @@ class FsrvpService:
             parsed = parse_unc(unc, self.host_names)
         except BadUnc as exc:
             raise Refused(HResult.E_INVALIDARG, str(exc)) from None
-        share = self.config.share(parsed.share)
+        share = (self._share_lookup or self.config.share)(parsed.share)
         if share is None:
             raise Refused(HResult.FSRVP_E_OBJECT_NOT_FOUND, f"no share {parsed.share!r} is configured")
         return share
@@ -305,7 +330,7 @@ class FsrvpService:
                                                                 not copy.read_only)
                     self._persist(scs)
                     await self._publish(copy)
-            except BackendError as exc:
+            except (BackendError, FrontDoorError) as exc:
                 log.error("expose of set %s failed: %s", scs.set_id, exc)
                 result = HResult.FSRVP_E_WAIT_FAILED
             elapsed_ms = (time.monotonic() - started) * 1000
@@ -328,7 +353,11 @@ class FsrvpService:
             self._persist(scs)
             if scs.auto_recovery:
                 for copy in scs.copies:
-                    await self._publish(copy)  # the share refuses writes first, then the storage too
+                    try:
+                        await self._publish(copy)  # the share refuses writes first, then the storage too
+                    except FrontDoorError as exc:
+                        log.error("share %s stays writable at the share level (the storage is made read-only "
+                                  "all the same): %s", copy.exposed_name, exc)
                     await asyncio.to_thread(self.backends[copy.store["backend"]].make_read_only, copy_ref(scs, copy))
         log.info("set %s recovered (read-only from now on), said %s", scs.set_id, _who(caller))
         return m.failure_response(request, 0)
@@ -430,21 +459,28 @@ class FsrvpService:
     async def _publish(self, copy: ShadowCopy) -> None:
         await self.front_door.publish_share(ShareSpec(name=copy.exposed_name, path=copy.exposed_path,
                                                       read_only=copy.read_only,
-                                                      comment=f"shadow copy of {copy.share}"))
+                                                      comment=f"shadow copy of {copy.share}", base=copy.share))
 
     async def _withdraw(self, scs: ShadowCopySet) -> None:
         """Undo a half-made exposure: shares first, then the clones (snapshots stay)."""
         for copy in scs.copies:
             if copy.exposed_name:
-                await self.front_door.unpublish_share(copy.exposed_name)
+                await self._unpublish(copy.exposed_name)
         await self._remove_storage(scs, scs.copies, exposures_only=True)
 
     async def _destroy(self, scs: ShadowCopySet, copies: list[ShadowCopy]) -> None:
         """Withdraw shares and remove storage of copies the state no longer holds."""
         for copy in copies:
             if copy.exposed_name:
-                await self.front_door.unpublish_share(copy.exposed_name)
+                await self._unpublish(copy.exposed_name)
         await self._remove_storage(scs, copies)
+
+    async def _unpublish(self, name: str) -> None:
+        """A share that cannot be withdrawn now is an orphan: the sweep withdraws it later."""
+        try:
+            await self.front_door.unpublish_share(name)
+        except FrontDoorError as exc:
+            log.error("could not withdraw share %s yet (the sweep retries): %s", name, exc)
 
     async def _remove_storage(self, scs: ShadowCopySet, copies: list[ShadowCopy],
                               exposures_only: bool = False) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import uuid
 from typing import Callable
 
@@ -165,6 +166,14 @@ def exposed_share_name(share: str, copy_id: uuid.UUID) -> str:
     """`share@{GUID}`; a hidden base share (`name$`) gives a hidden snapshot share."""
     suffix = "$" if share.endswith("$") else ""
     return f"{share}@{{{copy_id}}}{suffix}"
+
+
+_EXPOSED_SHARE_NAME = re.compile(r"^.+@\{[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}\}\$?$")
+
+
+def is_exposed_share_name(name: str) -> bool:
+    """Whether `name` has the form exposed_share_name gives (base share names cannot contain '@')."""
+    return _EXPOSED_SHARE_NAME.match(name) is not None
 
 
 def _require_guid(value: uuid.UUID, what: str) -> None:

@@ -83,8 +83,9 @@ class Supervisor:
         self._spawn(self.service.run_timers())
         if self.notifier.watchdog_interval:
             self._spawn(self.notifier.feed_watchdog())
-        log.info("fsrvpd %s serving \\\\%s on %s:%d (%s front door), shares: %s", __version__, config.netbios_name,
-                 config.listen, config.port, config.front_door, ", ".join(s.name for s in config.shares.values()))
+        where = f"{config.listen}:{config.port}" if self.front_door.serves_base_shares else f"smbd ({config.smb_conf})"
+        log.info("fsrvpd %s serving \\\\%s on %s (%s front door), shares: %s", __version__, config.netbios_name,
+                 where, config.front_door, ", ".join(s.name for s in config.shares.values()))
         self.notifier.ready(self._status())
         await stop.wait()
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -127,6 +128,9 @@ class Supervisor:
                     if getattr(old, setting) != getattr(new, setting):
                         log.warning("reload: %s changed; that takes effect at the next restart", setting)
                 new = dataclasses.replace(new, **{setting: getattr(old, setting) for setting in RESTART_SETTINGS})
+                if not self.front_door.serves_base_shares:
+                    # smbd's configuration names the shares; a restart picks up new backend mappings
+                    new = dataclasses.replace(new, aliases=old.aliases, shares=old.shares)
                 async with self.service.lock:
                     await self._sync_shares(old.shares, new.shares)
                     self.service.reconfigure(new)
@@ -139,6 +143,8 @@ class Supervisor:
 
     async def _sync_shares(self, old: dict[str, ShareConfig], new: dict[str, ShareConfig]) -> None:
         """Publish added or changed base shares and withdraw removed ones; shadow copy shares stay."""
+        if not self.front_door.serves_base_shares:
+            return
         for key, share in old.items():
             if key not in new:
                 log.info("share %s withdrawn (its shadow copies stay until deleted)", share.name)

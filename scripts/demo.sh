@@ -6,28 +6,9 @@
 set -euo pipefail
 DEMO_DIR=${DEMO_DIR:-/var/tmp/fsrvpd-demo}
 FSRVPD=${FSRVPD:-fsrvpd}
-POOL=${DEMO_POOL:-fsrvpdemo}
 PORT=${DEMO_PORT:-1445}
 METRICS_PORT=${DEMO_METRICS_PORT:-9720}
-mkdir -p "$DEMO_DIR"
-
-if ! zfs list >/dev/null 2>&1; then
-    echo "starting zfs-fuse"
-    zfs-fuse --pidfile "$DEMO_DIR/zfs-fuse.pid"
-    for _ in $(seq 50); do zfs list >/dev/null 2>&1 && break; sleep 0.2; done
-fi
-if ! zpool list -H "$POOL" >/dev/null 2>&1; then
-    if [ -f "$DEMO_DIR/pool.img" ] && zpool import -d "$DEMO_DIR" "$POOL" 2>/dev/null; then
-        echo "imported pool $POOL"
-    else
-        rm -f "$DEMO_DIR/pool.img"
-        truncate -s 1G "$DEMO_DIR/pool.img"
-        zpool create -f -m none "$POOL" "$DEMO_DIR/pool.img"
-        echo "created pool $POOL on $DEMO_DIR/pool.img"
-    fi
-fi
-zfs list -H "$POOL/vms" >/dev/null 2>&1 || zfs create -o mountpoint="$DEMO_DIR/vms" "$POOL/vms"
-[ -f "$DEMO_DIR/vms/disk.vhdx" ] || echo "demo virtual disk, version 1" > "$DEMO_DIR/vms/disk.vhdx"
+source "$(dirname "$0")/demo-pool.sh"
 
 cat > "$DEMO_DIR/fsrvpd.yaml" <<YAML
 # Written by scripts/demo.sh

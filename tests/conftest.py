@@ -2,7 +2,7 @@
 
 import pytest
 
-pytest_plugins = ["tests.support.zfs", "tests.support.daemon"]
+pytest_plugins = ["tests.support.zfs", "tests.support.daemon", "tests.support.samba"]
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
