@@ -45,8 +45,9 @@ import logging
 import math
 import os
 import re
+import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 from fsrvpd.backends.base import Backend, BackendError, FileStore, NotSupported, OwnedObject, ShadowCopyRef
@@ -65,7 +66,7 @@ MOUNT_OPTIONS = {
     "xfs": {False: "ro,norecovery,nouuid", True: "rw,nouuid"},
 }
 LVS_FIELDS = ("vg_name", "lv_name", "lv_attr", "origin", "pool_lv", "lv_tags", "data_percent", "lv_size",
-              "vg_free", "vg_extent_size", "lv_kernel_major", "lv_kernel_minor")
+              "vg_size", "vg_free", "vg_extent_size", "lv_kernel_major", "lv_kernel_minor")
 
 
 class LvmError(StorageCommandError):
@@ -85,6 +86,7 @@ class LogicalVolume(NamedTuple):
     tags: frozenset[str]
     data_percent: float | None
     size: int
+    vg_size: int
     vg_free: int
     extent_size: int
     device: str | None  # "major:minor" while active
@@ -124,7 +126,7 @@ class LogicalVolume(NamedTuple):
         return cls(vg=row["vg_name"], name=row["lv_name"], attr=row["lv_attr"], origin=row["origin"],
                    pool=row["pool_lv"], tags=frozenset(filter(None, row["lv_tags"].split(","))),
                    data_percent=float(row["data_percent"]) if row["data_percent"] else None,
-                   size=int(row["lv_size"]), vg_free=int(row["vg_free"]), extent_size=int(row["vg_extent_size"]),
+                   size=int(row["lv_size"]), vg_size=int(row["vg_size"]), vg_free=int(row["vg_free"]), extent_size=int(row["vg_extent_size"]),
                    device=f"{major}:{minor}" if major not in ("", "-1") else None)
 
 
@@ -211,12 +213,13 @@ class LvmBackend(Backend):
     name = "lvm"
 
     def __init__(self, runner: CommandRunner, mount_root: str, command_timeout: float = 60,
-                 snapshot_sizes: dict[str, SnapshotSize] | None = None):
+                 snapshot_size: Callable[[str], SnapshotSize | None] = lambda path: None):
+        """`snapshot_size` gives the classic snapshot size of the share mounted at a path (None:
+        DEFAULT_SNAPSHOT_SIZE); it is asked at each commit, so a reloaded configuration counts."""
         self.lvm = LvmCli(runner, command_timeout)
         self.mounter = Mounter(runner, command_timeout)
         self.mount_root = mount_root
-        # Classic snapshot size per share path; shares without one get DEFAULT_SNAPSHOT_SIZE.
-        self.snapshot_sizes = {os.path.realpath(path): size for path, size in (snapshot_sizes or {}).items()}
+        self.snapshot_size = snapshot_size
 
     @contextlib.contextmanager
     def _failing_as(self, action: str) -> Iterator[None]:
@@ -248,8 +251,7 @@ class LvmBackend(Backend):
             raise NotSupported(f"{path} has other file systems below it ({', '.join(below)}); a snapshot of "
                                f"{volume.full_name} would not contain them. Give the share a volume with nothing "
                                "mounted below it.")
-        return FileStore(backend=self.name, name=volume.full_name,
-                         group=f"{volume.vg}/{volume.pool}" if volume.thin else volume.vg, mountpoint=path)
+        return FileStore(backend=self.name, name=volume.full_name, group=_group(volume), mountpoint=path)
 
     @staticmethod
     def _volume_mounted_at(path: str, on_top: Mount | None, mounts: list[Mount], volumes: list[LogicalVolume],
@@ -301,7 +303,7 @@ class LvmBackend(Backend):
             raise BackendError(f"logical volume {copy.store.name} of {copy.store.mountpoint} no longer exists")
         if origin.thin:
             return None
-        size = self.snapshot_sizes.get(copy.store.mountpoint) or SnapshotSize.parse(DEFAULT_SNAPSHOT_SIZE)
+        size = self.snapshot_size(copy.store.mountpoint) or SnapshotSize.parse(DEFAULT_SNAPSHOT_SIZE)
         return size.bytes_for(origin)
 
     @staticmethod
@@ -341,6 +343,8 @@ class LvmBackend(Backend):
 
     def expose(self, copy: ShadowCopyRef, writable: bool) -> str:
         name, mountpoint = snapshot_lv_name(copy), self._mountpoint(copy)
+        if copy.source is not None:
+            raise BackendError(f"exposing an existing LVM snapshot ({copy.source}) is not supported")
         with self._failing_as(f"exposing {name}"):
             snapshot = self._snapshot_of(copy)
             if snapshot is None:
@@ -389,6 +393,20 @@ class LvmBackend(Backend):
                 broken[copy.copy_id] = _overflowed(snapshot)
         return broken
 
+    def pool_space(self, store: FileStore) -> dict[str, int]:
+        """The thin pool's data space for a thin volume, the VG's space for a classic one."""
+        vg, _, pool = store.group.partition("/")
+        with self._failing_as(f"reading the space of {store.group}"):
+            volumes = self._volumes([vg])
+        if pool:
+            found = volumes.get(store.group)
+            if found is None or found.data_percent is None:
+                return {}
+            used = int(found.size * found.data_percent / 100)
+            return {"used": used, "available": found.size - used}
+        some = next(iter(volumes.values()), None)
+        return {"used": some.vg_size - some.vg_free, "available": some.vg_free} if some else {}
+
     def usage(self, copy: ShadowCopyRef) -> dict[str, int]:
         """Bytes the copy's snapshot holds (data_percent of its size), for metrics; {} if it is gone."""
         with self._failing_as(f"reading the space used by copy {copy.copy_id}"):
@@ -422,6 +440,8 @@ class LvmBackend(Backend):
                 self.mounter.unmount(mount.mountpoint)
 
     def owned(self) -> list[OwnedObject]:
+        if shutil.which("lvs") is None:  # no lvm2 on this host: nothing of ours either
+            return []
         with self._failing_as("listing fsrvpd's snapshots"):
             volumes = self.lvm.volumes()
         objects = []
@@ -436,7 +456,7 @@ class LvmBackend(Backend):
             except ValueError:
                 log.warning("%s carries malformed fsrvpd tags %s; leaving it alone", lv.full_name, sorted(lv.tags))
                 continue
-            objects.append(OwnedObject("snapshot", lv.full_name, set_id, copy_id))
+            objects.append(OwnedObject("snapshot", lv.full_name, set_id, copy_id, group=_group(lv)))
         return sorted(objects, key=lambda obj: obj.name)
 
     def remove_owned(self, obj: OwnedObject) -> None:
@@ -456,6 +476,11 @@ def _require_ours(lv: LogicalVolume, set_id: uuid.UUID, copy_id: uuid.UUID | Non
     if not set(ownership_tags(set_id, copy_id)) <= lv.tags:
         raise BackendError(f"{lv.full_name} exists but does not carry fsrvpd's tags for set {set_id}"
                            f"{f' and copy {copy_id}' if copy_id else ''}; leaving it alone")
+
+
+def _group(lv: LogicalVolume) -> str:
+    """FileStore.group: the thin pool of a thin volume (or snapshot), the VG of a classic one."""
+    return f"{lv.vg}/{lv.pool}" if lv.thin else lv.vg
 
 
 def _mount_at(mountpoint: str) -> Mount | None:

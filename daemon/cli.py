@@ -6,10 +6,10 @@ import argparse
 import asyncio
 import getpass
 import logging
-import signal
+import os
 import sys
 
-from . import __version__
+from . import __version__, logs
 from .config import Config, ConfigError, load
 from .hostnames import host_names_and_addresses
 
@@ -26,43 +26,61 @@ def nt_hash(password: str) -> str:
     return compute_nthash(password).hex()
 
 
-async def serve(config: Config) -> None:
-    """Build the daemon from its parts, serve until SIGINT/SIGTERM, then stop cleanly."""
-    from .backends.lvm import LvmBackend
+async def serve(config: Config, log_destination: str = "stderr") -> None:
+    """Build the daemon from its parts and run it until SIGINT/SIGTERM (see supervisor.py)."""
+    from .backends.lvm import LvmBackend, SnapshotSize
     from .backends.zfs import ZfsBackend
-    from .rpcserver import serve_pipe
+    from .metrics import Metrics
     from .runner import CommandRunner
     from .service import FsrvpService
     from .store import StateStore
-    from .transports.base import ShareSpec
+    from .supervisor import Supervisor
+
+    metrics = Metrics(__version__)
+    runner = CommandRunner(default_timeout=config.command_timeout)
+    if config.front_door == "samba":
+        config, front_door, share_lookup = _samba_front_door(config, runner)
+    else:
+        front_door, share_lookup = _embedded_front_door(config, metrics), None
+
+    def snapshot_size(path: str) -> SnapshotSize | None:
+        """The classic LVM snapshot size of the share at `path`, as the configuration in force says."""
+        return next((share.snapshot_size for share in service.config.shares.values()
+                     if share.path and os.path.realpath(share.path) == path), None)
+
+    backends = {"zfs": ZfsBackend(runner, config.mount_root, config.command_timeout),
+                "lvm": LvmBackend(runner, config.mount_root, config.command_timeout, snapshot_size)}
+    store = StateStore(config.state_dir)
+    service = FsrvpService(config, store, backends, front_door, extra_host_names=host_names_and_addresses(),
+                           observer=metrics, share_lookup=share_lookup)
+    await Supervisor(service, front_door, runner, metrics, log_destination).run()
+
+
+def _embedded_front_door(config: Config, metrics):
     from .transports.embedded import EmbeddedFrontDoor
 
-    runner = CommandRunner(default_timeout=config.command_timeout)
-    backends = {"zfs": ZfsBackend(runner, config.mount_root, config.command_timeout)}
-    lvm_shares = [share for share in config.shares.values() if share.backend == "lvm"]
-    if lvm_shares:  # hosts without LVM shares never run lvm2 commands
-        backends["lvm"] = LvmBackend(runner, config.mount_root, config.command_timeout,
-                                     {share.path: share.snapshot_size for share in lvm_shares})
-    front_door = EmbeddedFrontDoor(config.listen, config.port, config.users, config.netbios_name, config.domain)
-    store = StateStore(config.state_dir)
-    service = FsrvpService(config, store, backends, front_door, extra_host_names=host_names_and_addresses())
-    await service.start()
-    for share in config.shares.values():
-        await front_door.publish_share(ShareSpec(share.name, share.path, read_only=False, comment=share.comment))
-    await front_door.start(lambda reader, writer, caller: serve_pipe(service, reader, writer, caller))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    timers = asyncio.create_task(service.run_timers())
-    log.info("fsrvpd %s serving \\\\%s on %s:%d (%s front door), shares: %s", __version__, config.netbios_name,
-             config.listen, config.port, config.front_door, ", ".join(s.name for s in config.shares.values()))
-    await stop.wait()
-    log.info("stopping")
-    timers.cancel()
-    async with service.lock:  # let a call in flight finish its storage work
-        await front_door.stop()
-    store.close()
+    return EmbeddedFrontDoor(config.listen, config.port, config.users, config.netbios_name, config.domain,
+                             observer=metrics)
+
+
+def _samba_front_door(config: Config, runner):
+    """Check Samba's setup and take the pipe socket before anything else; then Samba's names and
+    shares replace the YAML's: UNCs name smbd's host, shares are smbd's."""
+    import dataclasses
+    import os
+
+    from .samba import SambaShareCatalog, SambaTools
+    from .transports.samba import SambaFrontDoor, bind_pipe_socket, check_samba_settings
+
+    tools = SambaTools(runner, config.smb_conf, os.path.join(config.state_dir, "tmp"))
+    front_door = SambaFrontDoor(tools, bind_pipe_socket(check_samba_settings(tools)))
+    catalog = SambaShareCatalog(tools, config.shares)
+    catalog.refresh()
+    netbios_name = tools.parameter("netbios name").upper()
+    aliases = tuple(tools.parameter("netbios aliases").replace(",", " ").split())
+    config = dataclasses.replace(config, netbios_name=netbios_name, aliases=config.aliases + aliases,
+                                 domain=tools.parameter("workgroup"), shares=catalog.shares())
+    return config, front_door, catalog.lookup
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,10 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{args.config}: OK ({len(config.shares)} share(s), {len(config.users)} user(s))")
         return 0
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_destination = logs.setup(config.log_level)
+    from .samba import SambaError
+    from .transports.samba import SambaSetupError
+
     try:
-        asyncio.run(serve(config))
-    except OSError as exc:
+        asyncio.run(serve(config, log_destination))
+    except (OSError, SambaError, SambaSetupError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0

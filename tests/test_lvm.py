@@ -26,8 +26,9 @@ NOT_SUPPORTED = "0x8004230c"
 
 
 def backend_for(lab: LvmLab, sizes: dict[str, str] | None = None) -> LvmBackend:
-    return LvmBackend(CommandRunner(), mount_root=os.path.join(lab.directory, "exposed"),
-                      snapshot_sizes={path: SnapshotSize.parse(size) for path, size in (sizes or {}).items()})
+    """A backend exposing under the lab's directory, with classic snapshot sizes per share path."""
+    parsed = {path: SnapshotSize.parse(size) for path, size in (sizes or {}).items()}
+    return LvmBackend(CommandRunner(), mount_root=os.path.join(lab.directory, "exposed"), snapshot_size=parsed.get)
 
 
 def copies_of(backend: LvmBackend, volumes: list[Volume]) -> list[ShadowCopyRef]:

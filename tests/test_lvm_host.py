@@ -44,7 +44,7 @@ def test_bad_lvm_share_keys_are_reported_by_line_and_key(settings, complaint):
 
 def test_snapshot_sizes_round_up_to_whole_extents():
     origin = LogicalVolume(vg="vg0", name="files", attr="-wi-ao----", origin="", pool="", tags=frozenset(),
-                           data_percent=None, size=100 << 20, vg_free=1 << 30, extent_size=4 << 20, device="254:1")
+                           data_percent=None, size=100 << 20, vg_size=2 << 30, vg_free=1 << 30, extent_size=4 << 20, device="254:1")
     assert SnapshotSize.parse("20%").bytes_for(origin) == 20 << 20
     assert SnapshotSize.parse("10%").bytes_for(origin) == 12 << 20
     assert SnapshotSize.parse("1.5G") == SnapshotSize(size=3 << 29)
