@@ -268,7 +268,7 @@ def test_cli_check_config_accepts_the_example(capsys):
     """The shipped example passes the check the admin is told to run."""
     assert cli.main(["check-config", "-c", str(EXAMPLE)]) == 0
     out, err = capsys.readouterr()
-    assert "OK (1 share(s), 1 user(s))" in out
+    assert "OK (2 share(s), 1 user(s))" in out
     assert err == ""
 
 
