@@ -12,9 +12,12 @@ import ipaddress
 import os
 import re
 
+from typing import TYPE_CHECKING
+
 import yaml
 
-from .backends.lvm import DEFAULT_SNAPSHOT_SIZE, SnapshotSize
+if TYPE_CHECKING:
+    from .backends.lvm import SnapshotSize
 
 DEFAULT_STATE_DIR = "/var/lib/fsrvpd"
 DEFAULT_ADMIN_SOCKET = "/run/fsrvpd/admin.sock"  # systemd's RuntimeDirectory=fsrvpd
@@ -199,6 +202,9 @@ class _Section:
 
 
 def _snapshot_size(share: _Section) -> SnapshotSize:
+    # Imported here: fsrvpctl reads configurations too, and has no backends to load.
+    from .backends.lvm import DEFAULT_SNAPSHOT_SIZE, SnapshotSize
+
     text = share.text("snapshot_size", DEFAULT_SNAPSHOT_SIZE)
     try:
         return SnapshotSize.parse(text)

@@ -150,8 +150,8 @@ class FsrvpService:
                     await self._unpublish(name)
 
     async def sweep(self) -> int:
-        """Remove shares and storage objects carrying our tags that no set in the state owns any more;
-        count the storage objects.
+        """Remove shares and storage objects carrying our tags that no set in the state owns any more,
+        and withdraw the shares of snapshots that broke; count the storage objects removed.
 
         Only in the pools of the configured shares and of the sets: another fsrvpd on the host (a
         test's, say) keeps its own objects elsewhere, and they are not ours to judge.
