@@ -9,17 +9,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from typing import Mapping
 
 from . import dcerpc
 from . import messages
 from .constants import FSRVP_INTERFACE_UUID, FSRVP_INTERFACE_VERSION, HResult, Opnum
 from .ndr import NdrError
+from .ntlm import NtHashAccounts, NtlmContext
+from .rpcauth import AuthLevel, AuthType, SecurityProviders
 from .service import FsrvpService
+from .spnego import SpnegoContext
 from .transports.base import Caller
 
 log = logging.getLogger("fsrvpd.rpc")
 
 READ_SIZE = 65536
+
+
+def embedded_security_providers(nt_hashes: Mapping[str, str], domain: str, server_name: str,
+                                dns_name: str | None = None) -> SecurityProviders:
+    """NTLMSSP, bare and inside SPNEGO, checked against the configured users' NT hashes."""
+    accounts = NtHashAccounts(nt_hashes)
+
+    def ntlm(level: AuthLevel) -> NtlmContext:
+        return NtlmContext(level, accounts, domain, server_name, clock=time.time, dns_name=dns_name)
+
+    return {AuthType.WINNT: ntlm, AuthType.GSS_NEGOTIATE: lambda level: SpnegoContext(ntlm(level))}
 
 
 async def serve_pipe(service: FsrvpService, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
