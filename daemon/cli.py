@@ -29,7 +29,7 @@ def nt_hash(password: str) -> str:
 async def serve(config: Config) -> None:
     """Build the daemon from its parts, serve until SIGINT/SIGTERM, then stop cleanly."""
     from .backends.zfs import ZfsBackend
-    from .rpcserver import serve_pipe
+    from .rpcserver import ClientLimits, PipeSettings, serve_pipe
     from .runner import CommandRunner
     from .service import FsrvpService
     from .store import StateStore
@@ -38,13 +38,17 @@ async def serve(config: Config) -> None:
 
     runner = CommandRunner(default_timeout=config.command_timeout)
     backends = {"zfs": ZfsBackend(runner, config.mount_root, config.command_timeout)}
-    front_door = EmbeddedFrontDoor(config.listen, config.port, config.users, config.netbios_name, config.domain)
+    front_door = EmbeddedFrontDoor(config.listen, config.port, config.users, config.netbios_name, config.domain,
+                                   max_connections_per_client=config.limits.max_connections_per_client)
     store = StateStore(config.state_dir)
     service = FsrvpService(config, store, backends, front_door, extra_host_names=host_names_and_addresses())
     await service.start()
     for share in config.shares.values():
         await front_door.publish_share(ShareSpec(share.name, share.path, read_only=False, comment=share.comment))
-    await front_door.start(lambda reader, writer, caller: serve_pipe(service, reader, writer, caller))
+    settings = PipeSettings.from_config(config, dns_name=config.fqdn)
+    clients = ClientLimits(config.limits.max_connections_per_client, config.limits.max_calls_per_second)
+    await front_door.start(lambda reader, writer, caller: serve_pipe(service, reader, writer, caller, settings,
+                                                                     clients))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

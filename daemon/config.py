@@ -14,6 +14,8 @@ import re
 
 import yaml
 
+from .rpcauth import AuthLevel
+
 DEFAULT_STATE_DIR = "/var/lib/fsrvpd"
 BACKENDS = ("zfs",)
 FRONT_DOORS = ("embedded",)
@@ -22,6 +24,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 SHARE_NAME = re.compile(r"^[^\x00-\x1f\"\\/\[\]:|<>+=;,*?@{}]{1,80}$")
 NETBIOS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,14}$")
 NT_HASH = re.compile(r"^[0-9a-fA-F]{32}$")
+# rpc.min_auth_level: `none` serves unauthenticated binds as Samba does; MS-FSRVP 3.1.4 asks for
+# packet integrity or privacy.
+MIN_AUTH_LEVELS = {"none": AuthLevel.NONE, "integrity": AuthLevel.PKT_INTEGRITY, "privacy": AuthLevel.PKT_PRIVACY}
 
 
 class ConfigError(Exception):
@@ -43,6 +48,18 @@ class ShareConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one client may take of the daemon; each has a safe default (see etc/fsrvpd.example.yaml)."""
+
+    max_shares_per_set: int = 64  # as Windows
+    max_fragment_bytes: int = 4280  # largest DCE/RPC fragment received or sent (SMB pipes use 4280)
+    max_request_bytes: int = 65536  # largest reassembled request; FSRVP's largest is a few KiB
+    max_string_chars: int = 1024  # longest NDR string (a UNC path), in UTF-16 units with the NUL
+    max_connections_per_client: int = 16  # open SMB connections and FSRVP pipes per client address
+    max_calls_per_second: float = 50  # per client address, with bursts of as many calls
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     source: str
     netbios_name: str
@@ -60,6 +77,8 @@ class Config:
     command_timeout: float
     shares: dict[str, ShareConfig]  # keyed by casefolded share name
     log_level: str
+    min_auth_level: AuthLevel = AuthLevel.PKT_INTEGRITY
+    limits: Limits = Limits()
 
     def share(self, name: str) -> ShareConfig | None:
         """SMB share names are case-insensitive."""
@@ -233,6 +252,12 @@ def parse(text: str, source: str = "<config>") -> Config:
         )
         share.finish()
 
+    rpc = top.section("rpc")
+    min_auth_level = MIN_AUTH_LEVELS[rpc.choice("min_auth_level", tuple(MIN_AUTH_LEVELS), "integrity")]
+    rpc.finish()
+
+    limits = _limits(top.section("limits"))
+
     logging_section = top.section("logging")
     log_level = logging_section.choice("level", LOG_LEVELS, "info")
     logging_section.finish()
@@ -241,7 +266,27 @@ def parse(text: str, source: str = "<config>") -> Config:
     return Config(source=source, netbios_name=netbios_name, fqdn=fqdn, aliases=aliases, front_door=mode,
                   listen=listen, port=port, domain=domain, users=users, state_dir=state_dir, mount_root=mount_root,
                   sequence_timeout=sequence_timeout, sequence_timeout_long=sequence_timeout_long,
-                  command_timeout=command_timeout, shares=shares, log_level=log_level)
+                  command_timeout=command_timeout, shares=shares, log_level=log_level,
+                  min_auth_level=min_auth_level, limits=limits)
+
+
+def _limits(section: _Section) -> Limits:
+    default = Limits()
+    limits = Limits(
+        max_shares_per_set=int(section.number("max_shares_per_set", default.max_shares_per_set, 1, 512,
+                                              integer=True)),
+        max_fragment_bytes=int(section.number("max_fragment_bytes", default.max_fragment_bytes, 1432, 65535,
+                                              integer=True)),
+        max_request_bytes=int(section.number("max_request_bytes", default.max_request_bytes, 4096, 16 << 20,
+                                             integer=True)),
+        max_string_chars=int(section.number("max_string_chars", default.max_string_chars, 260, 32768,
+                                            integer=True)),
+        max_connections_per_client=int(section.number("max_connections_per_client",
+                                                      default.max_connections_per_client, 1, 4096, integer=True)),
+        max_calls_per_second=section.number("max_calls_per_second", default.max_calls_per_second, 0.1, 100000),
+    )
+    section.finish()
+    return limits
 
 
 def load(path: str) -> Config:

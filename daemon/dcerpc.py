@@ -44,6 +44,7 @@ NCA_S_FAULT_NDR = 0x000006F7  # RPC_X_BAD_STUB_DATA: the daemon could not decode
 RPC_S_ACCESS_DENIED = 0x00000005  # oversized request (MS-RPCE 3.3.3.5.4), auth data without auth
 RPC_S_NO_CALL_ACTIVE = 0x000006BD  # Windows' answer to PFC_PENDING_CANCEL on a first fragment
 RPC_S_SEC_PKG_ERROR = 0x00000721  # a security leg in an alter_context failed
+RPC_S_SERVER_TOO_BUSY = 0x000006BB  # the daemon's answer to a client over its call rate
 
 # Statuses a server MUST NOT put in a fault (MS-RPCE 3.3.3.5.1).
 _FORBIDDEN_FAULT_STATUSES = frozenset({

@@ -37,7 +37,10 @@ def copy_ref(scs: ShadowCopySet, copy: ShadowCopy) -> ShadowCopyRef:
 
 
 def _who(caller: Caller) -> str:
-    return f"{caller.domain}\\{caller.user}@{caller.address}"
+    """The RPC-authenticated principal if there is one, else the SMB session's user, and the address."""
+    principal = caller.rpc_principal
+    user, domain = (principal.user, principal.domain) if principal else (caller.user, caller.domain)
+    return f"{domain}\\{user}@{caller.address}"
 
 
 class FsrvpService:
@@ -51,7 +54,8 @@ class FsrvpService:
         self.front_door = front_door
         self.clock = clock
         self.host_names = config.own_host_names() | {name.casefold() for name in extra_host_names}
-        self.machine = ShadowCopyMachine(config.sequence_timeout, config.sequence_timeout_long)
+        self.machine = ShadowCopyMachine(config.sequence_timeout, config.sequence_timeout_long,
+                                         max_shares_per_set=config.limits.max_shares_per_set)
         self.lock = asyncio.Lock()
         self.handlers = {
             m.GetSupportedVersionRequest: self.get_supported_version,

@@ -117,9 +117,11 @@ class FsrvpDaemon:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     # -- peers --------------------------------------------------------------------------------
-    def rpcclient(self, *commands: str, binding: str = "127.0.0.1") -> str:
-        """Samba's rpcclient; it exits 0 even when a call fails, so callers check its output."""
-        proc = subprocess.run(["rpcclient", "-p", str(self.port), "-U", f"{USER}%{PASSWORD}", binding,
+    def rpcclient(self, *commands: str, binding: str = "ncacn_np:127.0.0.1[sign]", user: str = USER,
+                  password: str = PASSWORD, options: tuple[str, ...] = ()) -> str:
+        """Samba's rpcclient, NTLM-signing its RPC calls by default (the daemon's default minimum
+        level); it exits 0 even when a call fails, so callers check its output."""
+        proc = subprocess.run(["rpcclient", "-p", str(self.port), "-U", f"{user}%{password}", *options, binding,
                                "-c", "; ".join(commands)], capture_output=True, text=True, timeout=120)
         return proc.stdout + proc.stderr
 
