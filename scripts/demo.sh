@@ -48,13 +48,13 @@ YAML
 cat <<TXT
 
 fsrvpd demo: share 'vms' on ZFS dataset $POOL/vms, embedded SMB server on 127.0.0.1:$PORT
-Try, in another terminal:
-  rpcclient -p $PORT -U backup%backup 127.0.0.1 -c 'fss_get_sup_version'
-  rpcclient -p $PORT -U backup%backup 127.0.0.1 -c 'fss_is_path_sup vms'
-  rpcclient -p $PORT -U backup%backup 127.0.0.1 -c 'fss_create_expose backup ro vms'
+Try, in another terminal (RPC calls must be signed ([sign]) or sealed ([seal]), as MS-FSRVP asks):
+  rpcclient -p $PORT -U backup%backup 'ncacn_np:127.0.0.1[sign]' -c 'fss_get_sup_version'
+  rpcclient -p $PORT -U backup%backup 'ncacn_np:127.0.0.1[sign]' -c 'fss_is_path_sup vms'
+  rpcclient -p $PORT -U backup%backup 'ncacn_np:127.0.0.1[seal]' -c 'fss_create_expose backup ro vms'
   smbclient -p $PORT -U backup%backup -L 127.0.0.1
   smbclient -p $PORT -U backup%backup '//127.0.0.1/vms@{<shadow copy id printed above>}' -c 'get disk.vhdx -'
-  rpcclient -p $PORT -U backup%backup 127.0.0.1 -c 'fss_delete vms <set id> <shadow copy id>'
+  rpcclient -p $PORT -U backup%backup 'ncacn_np:127.0.0.1[sign]' -c 'fss_delete vms <set id> <shadow copy id>'
 Ctrl-C stops fsrvpd.
 
 TXT

@@ -101,6 +101,12 @@ class FsrvpDaemon:
         finally:
             self.process = None
 
+    def __enter__(self) -> FsrvpDaemon:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
     def restart(self) -> FsrvpDaemon:
         self.stop()
         return self.start()
