@@ -15,13 +15,12 @@ import time
 import uuid
 
 import pytest
-from impacket.smbconnection import SMBConnection
 
 from fsrvpd import messages as m
 from fsrvpd.client import FsrvpError, RpcFault
-from fsrvpd.constants import ATTR_AUTO_RECOVERY, HResult, PIPE_NAME
+from fsrvpd.constants import ATTR_AUTO_RECOVERY, HResult
 from fsrvpd.dcerpc import NCA_S_FAULT_NDR, NCA_S_OP_RNG_ERROR
-from tests.support.daemon import NETBIOS_NAME, PASSWORD, USER, FsrvpDaemon, ours_on_storage
+from tests.support.daemon import NETBIOS_NAME, FsrvpDaemon, RawPipe, ours_on_storage
 
 pytestmark = pytest.mark.zfs
 
@@ -208,18 +207,10 @@ def test_shares_that_are_not_a_dataset_root_are_not_supported(zfs_pool, tmp_path
 
 def pipe_answers(daemon, garbage: bytes) -> list[bytes]:
     """Write raw bytes on a fresh FssagentRpc pipe; what comes back until the daemon closes it."""
-    smb = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=daemon.port)
-    smb.login(USER, PASSWORD)
-    tree = smb.connectTree("IPC$")
-    pipe = smb.openFile(tree, "\\" + PIPE_NAME)
-    smb.writeFile(tree, pipe, garbage)
-    answers = []
-    try:
-        while len(answers) < 3 and (answer := smb.readFile(tree, pipe)):
-            answers.append(answer)
-    except Exception:  # the pipe is gone: the daemon closed it
-        pass
-    smb.close()
+    pipe = RawPipe(daemon.port)
+    pipe.write(garbage)
+    answers = pipe.answers()
+    pipe.smb.close()
     return answers
 
 

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from impacket.smbconnection import SMBConnection
 
 from fsrvpd.cli import nt_hash
 from fsrvpd.client import FsrvpClient
+from fsrvpd.constants import PIPE_NAME
 from tests.support.zfs import FilePool
 
 USER = PASSWORD = "backup"
@@ -30,7 +32,7 @@ START_SECONDS = 30.0
 STOP_SECONDS = 30.0
 PEER_PACKAGES = {"rpcclient": "samba-common-bin", "smbclient": "smbclient"}
 
-__all__ = ["FsrvpDaemon", "daemon", "samba_clients", "free_port", "USER", "PASSWORD", "NETBIOS_NAME"]
+__all__ = ["FsrvpDaemon", "RawPipe", "daemon", "samba_clients", "free_port", "USER", "PASSWORD", "NETBIOS_NAME"]
 
 
 def free_port() -> int:
@@ -142,6 +144,31 @@ class FsrvpDaemon:
                              timeout=60, **kwargs)
         client.connect()
         return client
+
+
+class RawPipe:
+    """An FssagentRpc pipe opened over impacket's SMB client, for bytes no RPC client would send."""
+
+    def __init__(self, port: int, smb: SMBConnection | None = None) -> None:
+        if smb is None:
+            smb = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=port)
+            smb.login(USER, PASSWORD)
+        self.smb = smb
+        self.tree = smb.connectTree("IPC$")
+        self.file = smb.openFile(self.tree, "\\" + PIPE_NAME)
+
+    def write(self, data: bytes) -> None:
+        self.smb.writeFile(self.tree, self.file, data)
+
+    def answers(self, limit: int = 3) -> list[bytes]:
+        """What comes back, up to `limit` reads or until the daemon closes the pipe."""
+        answers = []
+        try:
+            while len(answers) < limit and (answer := self.smb.readFile(self.tree, self.file)):
+                answers.append(answer)
+        except Exception:  # the pipe is gone: the daemon closed it
+            pass
+        return answers
 
 
 def ours_on_storage(pool: FilePool) -> list[str]:
