@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import getpass
 import logging
+import os
 import signal
+import stat
 import sys
 
 from . import __version__
@@ -64,6 +66,12 @@ async def serve(config: Config) -> None:
     store.close()
 
 
+def _readable_by_others(path: str) -> str:
+    """Who besides the owner may read `path` ("group", "others", both, or "")."""
+    mode = os.stat(path).st_mode
+    return " and ".join(who for who, bit in (("its group", stat.S_IRGRP), ("all users", stat.S_IROTH)) if mode & bit)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fsrvpd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fsrvpd {__version__}")
@@ -87,9 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fsrvpd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    exposed = _readable_by_others(args.config) if config.users else ""
+    if exposed:
+        print(f"fsrvpd: warning: {args.config} holds NT hashes (password equivalents) but is readable by "
+              f"{exposed}: chmod 600 it", file=sys.stderr)
     if args.command == "check-config":
         print(f"{args.config}: OK ({len(config.shares)} share(s), {len(config.users)} user(s))")
         return 0
+    os.umask(0o077)  # whatever the daemon creates (state, mount points, logs it opens) is root's alone
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve(config))

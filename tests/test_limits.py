@@ -21,11 +21,8 @@ from fsrvpd.constants import FSRVP_INTERFACE_UUID, HResult
 from fsrvpd.rpcauth import AuthLevel
 from fsrvpd.rpcserver import ClientLimits
 from fsrvpd.state import Refused, ShadowCopyMachine
+from tests.fuzz.targets import RPCCLIENT_BIND
 from tests.support.daemon import PASSWORD, USER, FsrvpDaemon, RawPipe
-
-RPCCLIENT_BIND = bytes.fromhex(  # an unauthenticated FSRVP bind, as rpcclient sends it
-    "05000b03100000004800000001000000b810b810000000000100000000000100"
-    "3c65e0a844278943a61d7373df8b229201000000045d888aeb1cc9119fe808002b10486002000000")
 
 
 def test_defaults_are_the_safe_ones():

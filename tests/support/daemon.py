@@ -75,12 +75,15 @@ class FsrvpDaemon:
             "logging": {"level": "debug"},
         }
         self.process: subprocess.Popen | None = None
+        self.launcher: tuple[str, ...] = ()  # a command to start the daemon under, e.g. setpriv
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> FsrvpDaemon:
         self.config_path.write_text(yaml.safe_dump(self.config))
+        self.config_path.chmod(0o600)  # it holds NT hashes
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "fsrvpd", "run", "-c", str(self.config_path)],
+        self.process = subprocess.Popen([*self.launcher, sys.executable, "-m", "fsrvpd", "run", "-c",
+                                         str(self.config_path)],
                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         deadline = time.monotonic() + START_SECONDS

@@ -32,8 +32,10 @@ class ImpacketPeer:
         self.sequence += 1
         return signature.getData()
 
-    def seal(self, message: bytes) -> tuple[bytes, bytes]:
-        sealed, signature = impacket_ntlm.SEAL(self.flags, self.sign_key, self.seal_key, message, message,
+    def seal(self, message: bytes, body: slice | None = None) -> tuple[bytes, bytes]:
+        """The sealed `body` of `message` (all of it by default) and the signature over the plain message."""
+        body = body or slice(0, len(message))
+        sealed, signature = impacket_ntlm.SEAL(self.flags, self.sign_key, self.seal_key, message, message[body],
                                                self.sequence, self.handle)
         self.sequence += 1
         return sealed, signature.getData()

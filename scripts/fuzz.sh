@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The long fuzzing run: every target for FUZZ_SECONDS (default 1800) each, on all cores but one.
+# Crashes land in build/fuzz/crashes/; each one, once fixed, goes to tests/fuzz/regressions/<target>/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+SECONDS_EACH=${FUZZ_SECONDS:-1800}
+JOBS=$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))
+for target in pdu ndr auth; do
+    echo "== fuzzing $target for ${SECONDS_EACH}s with $JOBS worker(s)"
+    "$PY" scripts/fuzz.py "$target" -max_total_time="$SECONDS_EACH" -workers="$JOBS" -jobs="$JOBS" \
+        -rss_limit_mb=1024 -timeout=10 -print_final_stats=1
+done
+ls build/fuzz/crashes/ 2>/dev/null | sed 's/^/crash: /' || true
