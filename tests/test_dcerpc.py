@@ -19,6 +19,7 @@ from impacket.uuid import uuidtup_to_bin
 from fsrvpd import dcerpc
 from fsrvpd.constants import FSRVP_INTERFACE_UUID
 from fsrvpd.rpcserver import embedded_security_providers
+from tests.support.inmemory import InMemoryPipe
 from tests.support.ntlmpeer import ImpacketPeer
 
 BIND, BIND_ACK, BIND_NAK, ALTER, ALTER_RESP = 11, 12, 13, 14, 15
@@ -726,33 +727,6 @@ def test_plausible_pdus_never_raise(pdus, answer_calls):
 
 # -- an independent client: impacket's DCERPC_v5 over an in-memory pipe -------------------------
 
-class InMemoryPipe:
-    """The transport impacket's DCERPC_v5 drives, delivering straight to a ServerConnection.
-
-    The server side echoes each call's stub, and faults opnum 99 as an unknown operation.
-    """
-
-    def __init__(self, server: dcerpc.ServerConnection) -> None:
-        self.server = server
-        self.to_client = bytearray()
-
-    def send(self, data: bytes, forceWriteAndx: int = 0, forceRecv: int = 0) -> None:
-        for event in self.server.receive_data(data):
-            assert isinstance(event, dcerpc.RpcCall), event
-            if event.opnum == 99:
-                self.server.send_fault(event, dcerpc.NCA_S_OP_RNG_ERROR)
-            else:
-                self.server.send_response(event, event.stub)
-        self.to_client += self.server.data_to_send()
-
-    def recv(self, forceRecv: int = 0, count: int = 0) -> bytes:
-        """`count` bytes, or the next whole PDU as a message-mode pipe delivers it."""
-        size = count or struct.unpack_from("<H", self.to_client, 8)[0]
-        data = bytes(self.to_client[:size])
-        del self.to_client[:size]
-        return data
-
-
 FSRVP_FOR_IMPACKET = uuidtup_to_bin((str(FSRVP_INTERFACE_UUID), "1.0"))
 
 
@@ -811,32 +785,16 @@ def secured_connection(**kwargs) -> dcerpc.ServerConnection:
 
 
 class AuthenticatedPipe(InMemoryPipe):
-    """An in-memory pipe that keeps the server's events and checks every response verifier with an
-    independent NTLM peer (impacket's client checks none); `tamper` may rewrite client PDUs."""
+    """An in-memory pipe that checks every response verifier with an independent NTLM peer
+    (impacket's client checks none)."""
 
-    def __init__(self, server, tamper=None) -> None:
-        super().__init__(server)
-        self.events: list = []
-        self.sent: list[bytes] = []
-        self.tamper = tamper
-        self.peer: ImpacketPeer | None = None
+    peer: ImpacketPeer | None = None
 
-    def doesSupportNTLMv2(self) -> bool:
-        return True
-
-    def send(self, data: bytes, forceWriteAndx: int = 0, forceRecv: int = 0) -> None:
-        self.sent.append(data)
-        if self.tamper:
-            data = self.tamper(data)
-        for event in self.server.receive_data(data):
-            self.events.append(event)
-            if isinstance(event, dcerpc.RpcCall):
-                self.server.send_response(event, event.stub)
-        output = self.server.data_to_send()
+    def delivered(self, output: bytes) -> None:
         if self.peer is not None:
             for packet in split_protected(output):
                 self.check(packet)
-        self.to_client += output
+        super().delivered(output)
 
     def check(self, packet: bytes) -> None:
         auth_length = struct.unpack_from("<H", packet, 10)[0]

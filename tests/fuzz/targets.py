@@ -171,40 +171,16 @@ def _authenticated_sessions() -> list[bytes]:
     return sessions
 
 
-class _RecordingPipe:
-    """The transport impacket's DCE/RPC client drives: records what it sends, answers from a server."""
-
-    def __init__(self) -> None:
-        self.server = dcerpc.ServerConnection({FSRVP_INTERFACE_UUID: FSRVP_INTERFACE_VERSION},
-                                              security_providers=PROVIDERS)
-        self.sent = bytearray()
-        self.answers = bytearray()
-
-    def send(self, data: bytes, forceWriteAndx: int = 0, forceRecv: int = 0) -> None:
-        self.sent += data
-        for event in self.server.receive_data(data):
-            if isinstance(event, dcerpc.RpcCall):
-                self.server.send_response(event, event.stub)
-        self.answers += self.server.data_to_send()
-
-    def recv(self, forceRecv: int = 0, count: int = 0) -> bytes:
-        size = count or struct.unpack_from("<H", self.answers, 8)[0]
-        data = bytes(self.answers[:size])
-        del self.answers[:size]
-        return data
-
-    def doesSupportNTLMv2(self) -> bool:
-        return True
-
-
 def _authenticated_pdu_streams(requests: list[tuple[int, bytes]]) -> list[bytes]:
     """What impacket sends for an NTLMSSP bind, auth3 and every FSRVP call, signed and sealed."""
     from impacket.dcerpc.v5 import rpcrt
     from impacket.uuid import uuidtup_to_bin
+    from tests.support.inmemory import InMemoryPipe
 
     streams = []
     for level in (rpcrt.RPC_C_AUTHN_LEVEL_PKT_INTEGRITY, rpcrt.RPC_C_AUTHN_LEVEL_PKT_PRIVACY):
-        pipe = _RecordingPipe()
+        pipe = InMemoryPipe(dcerpc.ServerConnection({FSRVP_INTERFACE_UUID: FSRVP_INTERFACE_VERSION},
+                                                    security_providers=PROVIDERS))
         client = rpcrt.DCERPC_v5(pipe)
         client.set_credentials("backup", "password", "WORKGROUP")
         client.set_auth_type(rpcrt.RPC_C_AUTHN_WINNT)
@@ -213,7 +189,7 @@ def _authenticated_pdu_streams(requests: list[tuple[int, bytes]]) -> list[bytes]
         for opnum, stub in requests:
             client.call(opnum, stub)
             assert client.recv() == stub
-        streams.append(bytes(pipe.sent))
+        streams.append(b"".join(pipe.sent))
     return streams
 
 
