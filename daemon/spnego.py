@@ -64,18 +64,21 @@ def _elements(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
     return found
 
 
-def _expect(data: bytes, offset: int, tag: int, what: str) -> tuple[int, int]:
-    found, start, end = _read(data, offset)
+def _expect(data: bytes, offset: int, tag: int, what: str, container_end: int | None = None) -> tuple[int, int]:
+    """(start, end) of the content of the `tag` element at `offset`; given its container's end,
+    the element must fill the container exactly."""
+    found, start, end = _read(data, offset, container_end)
     if found != tag:
         raise AuthError(f"SPNEGO: {what} expected, tag {found:#04x} found")
+    if container_end is not None and end != container_end:
+        raise AuthError(f"SPNEGO: {what} does not fill its field")
     return start, end
 
 
 def _fields(data: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
-    """The context-tagged fields [n] of a SEQUENCE, by n: (start, end) of each one's content."""
-    seq_start, seq_end = _expect(data, start, _SEQUENCE, "SEQUENCE")
-    if seq_end != end:
-        raise AuthError("SPNEGO: trailing bytes after the SEQUENCE")
+    """The context-tagged fields [n] of the SEQUENCE filling start..end, by n: (start, end) of
+    each one's content."""
+    seq_start, seq_end = _expect(data, start, _SEQUENCE, "SEQUENCE", end)
     fields = {}
     for tag, value_start, value_end in _elements(data, seq_start, seq_end):
         if tag & 0xE0 == 0xA0:
@@ -86,7 +89,7 @@ def _fields(data: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
 def _octets(data: bytes, field: tuple[int, int] | None) -> bytes | None:
     if field is None:
         return None
-    start, end = _expect(data, field[0], _OCTET_STRING, "OCTET STRING")
+    start, end = _expect(data, field[0], _OCTET_STRING, "OCTET STRING", field[1])
     return data[start:end]
 
 
@@ -135,20 +138,16 @@ class SpnegoContext(SecurityContext):
 
     def _accept_init(self, token: bytes) -> bytes:
         """GSS InitialContextToken: [APPLICATION 0] { SPNEGO OID, [0] NegTokenInit }."""
-        start, end = _expect(token, 0, _APPLICATION_0, "GSS InitialContextToken")
-        if end != len(token):
-            raise AuthError("SPNEGO: trailing bytes after the InitialContextToken")
+        start, end = _expect(token, 0, _APPLICATION_0, "GSS InitialContextToken", len(token))
         oid_start, oid_end = _expect(token, start, _OID, "mechanism OID")
         if token[oid_start:oid_end] != SPNEGO_OID:
             raise AuthError("not an SPNEGO token")
-        init_start, init_end = _expect(token, oid_end, _NEG_TOKEN_INIT, "NegTokenInit")
-        if init_end != end:
-            raise AuthError("SPNEGO: trailing bytes after NegTokenInit")
+        init_start, init_end = _expect(token, oid_end, _NEG_TOKEN_INIT, "NegTokenInit", end)
         fields = _fields(token, init_start, init_end)
         if 0 not in fields:
             raise AuthError("SPNEGO NegTokenInit without mechTypes")
         mech_start, mech_end = fields[0]
-        list_start, list_end = _expect(token, mech_start, _SEQUENCE, "MechTypeList")
+        list_start, list_end = _expect(token, mech_start, _SEQUENCE, "MechTypeList", mech_end)
         mechs = [token[s:e] for tag, s, e in _elements(token, list_start, list_end) if tag == _OID]
         if NTLMSSP_OID not in mechs:
             raise AuthError("the client offers no mechanism fsrvpd supports (NTLMSSP)")
@@ -161,9 +160,7 @@ class SpnegoContext(SecurityContext):
         return neg_token_resp(NegState.ACCEPT_INCOMPLETE, mech=NTLMSSP_OID, token=self._ntlm.accept(mech_token))
 
     def _accept_resp(self, token: bytes) -> bytes:
-        start, end = _expect(token, 0, _NEG_TOKEN_RESP, "NegTokenResp")
-        if end != len(token):
-            raise AuthError("SPNEGO: trailing bytes after NegTokenResp")
+        start, end = _expect(token, 0, _NEG_TOKEN_RESP, "NegTokenResp", len(token))
         fields = _fields(token, start, end)
         response_token = _octets(token, fields.get(2))
         if response_token is None:

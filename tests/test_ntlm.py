@@ -279,3 +279,11 @@ def test_spnego_asks_a_kerberos_first_client_for_ntlmssp_and_then_demands_the_mi
 def test_spnego_refuses_malformed_or_useless_tokens(token):
     with pytest.raises(AuthError):
         SpnegoContext(context()).accept(token)
+
+
+def test_spnego_elements_may_not_reach_beyond_their_field():
+    from fsrvpd.spnego import _octets
+    token = b"\x04\x05abcde"
+    assert _octets(token, (0, len(token))) == b"abcde"
+    with pytest.raises(AuthError, match="past its container"):
+        _octets(token, (0, 3))  # the field holds 3 bytes; the OCTET STRING claims 7
