@@ -44,6 +44,7 @@ shares:
     path: $DEMO_DIR/vms
     backend: zfs
 YAML
+chmod 600 "$DEMO_DIR/fsrvpd.yaml"  # it holds an NT hash
 
 cat <<TXT
 
