@@ -74,6 +74,7 @@ class ClientLimits:
 
     def open(self, address: str) -> bool:
         """Count a new pipe of `address`; False (and not counted) if it would exceed the limit."""
+        self._forget_idle_clients()
         if self._open.get(address, 0) >= self._max_connections:
             return False
         self._open[address] = self._open.get(address, 0) + 1
@@ -83,15 +84,24 @@ class ClientLimits:
         self._open[address] -= 1
         if not self._open[address]:
             del self._open[address]
-            self._buckets.pop(address, None)
 
     def allow_call(self, address: str) -> bool:
+        tokens = self._tokens(address)
+        allowed = tokens >= 1
+        self._buckets[address] = (tokens - 1 if allowed else tokens, self._clock())
+        return allowed
+
+    def _tokens(self, address: str) -> float:
         now = self._clock()
         tokens, then = self._buckets.get(address, (self._rate, now))
-        tokens = min(self._rate, tokens + (now - then) * self._rate)
-        allowed = tokens >= 1
-        self._buckets[address] = (tokens - 1 if allowed else tokens, now)
-        return allowed
+        return min(self._rate, tokens + (now - then) * self._rate)
+
+    def _forget_idle_clients(self) -> None:
+        """Drop the buckets of clients with no pipe open once they have refilled: reconnecting
+        must not buy a fresh burst, and departed clients must not pile up."""
+        for address in [address for address in self._buckets if address not in self._open]:
+            if self._tokens(address) >= self._rate:
+                del self._buckets[address]
 
 
 async def serve_pipe(service: FsrvpService, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

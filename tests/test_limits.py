@@ -71,6 +71,18 @@ def test_call_rate_allows_a_burst_then_the_rate():
     assert [limits.allow_call("a") for _ in range(3)] == [True, True, False]
 
 
+def test_reconnecting_does_not_refill_the_call_rate():
+    now = [100.0]
+    limits = ClientLimits(max_connections=1, calls_per_second=2, clock=lambda: now[0])
+    assert limits.open("a") and limits.allow_call("a") and limits.allow_call("a")
+    limits.close("a")
+    assert limits.open("a") and not limits.allow_call("a")
+    limits.close("a")
+    now[0] += 5
+    assert limits.open("a")  # refilled meanwhile: the idle bucket is forgotten, a full one starts
+    assert limits._buckets == {}
+
+
 def test_shares_per_set_limit():
     machine = ShadowCopyMachine(max_shares_per_set=2)
     machine.set_context(0, "client", 0.0)
