@@ -1,5 +1,6 @@
-"""Fuzzing in the suite: every input that ever crashed a target is replayed, and each target gets
-a short coverage-guided run with atheris (the long run is scripts/fuzz.sh).  Then a real daemon
+"""Fuzzing in the suite: the shipped corpus (the inputs that reached new code in the long runs,
+minimised with libFuzzer's -merge) and every input that ever crashed a target are replayed, and
+each target gets a short coverage-guided run with atheris (the long run is scripts/fuzz.sh).  Then a real daemon
 takes malformed PDUs on many pipes while another client runs a backup: it must stay up, keep its
 memory, and serve the other client.  See tests/fuzz/targets.py for what each target checks."""
 
@@ -17,18 +18,22 @@ from tests.fuzz import targets
 from tests.support.daemon import RawPipe, ours_on_storage
 
 ROOT = Path(__file__).resolve().parent.parent
-REGRESSIONS = Path(__file__).resolve().parent / "fuzz" / "regressions"
+FUZZ = Path(__file__).resolve().parent / "fuzz"
 SHORT_RUN_SECONDS = 15
 
 
-def regression_inputs() -> list:
-    return [pytest.param(path.parent.name, path.read_bytes(), id=f"{path.parent.name}/{path.name}")
-            for path in sorted(REGRESSIONS.glob("*/*"))]
+@pytest.mark.parametrize("target", sorted(targets.TARGETS))
+def test_shipped_corpus_is_handled(target):
+    inputs = sorted((FUZZ / "corpus" / target).iterdir())
+    assert inputs, f"tests/fuzz/corpus/{target} is empty"
+    for path in inputs:
+        targets.TARGETS[target](path.read_bytes())
 
 
-@pytest.mark.parametrize("target, data", regression_inputs())
-def test_every_input_that_once_crashed_is_handled(target, data):
-    targets.TARGETS[target](data)
+def test_every_input_that_once_crashed_is_handled():
+    """tests/fuzz/regressions/<target>/<input>; none so far -- see tests/fuzz/regressions/README.md."""
+    for path in sorted((FUZZ / "regressions").glob("*/*")):
+        targets.TARGETS[path.parent.name](path.read_bytes())
 
 
 @pytest.mark.parametrize("target", sorted(targets.TARGETS))
@@ -42,7 +47,8 @@ def test_short_coverage_guided_run_finds_no_crash(target, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "fuzz.py"), target,
-                           f"-max_total_time={SHORT_RUN_SECONDS}", "-timeout=10", "-rss_limit_mb=1024", str(corpus)],
+                           f"-max_total_time={SHORT_RUN_SECONDS}", "-timeout=10", "-rss_limit_mb=1024", str(corpus),
+                           str(FUZZ / "corpus" / target)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=SHORT_RUN_SECONDS * 10)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Done" in proc.stderr
