@@ -7,11 +7,10 @@ import asyncio
 import getpass
 import logging
 import os
-import signal
 import stat
 import sys
 
-from . import __version__
+from . import __version__, logs
 from .config import Config, ConfigError, load
 from .hostnames import host_names_and_addresses
 
@@ -28,42 +27,53 @@ def nt_hash(password: str) -> str:
     return compute_nthash(password).hex()
 
 
-async def serve(config: Config) -> None:
-    """Build the daemon from its parts, serve until SIGINT/SIGTERM, then stop cleanly."""
+async def serve(config: Config, log_destination: str = "stderr") -> None:
+    """Build the daemon from its parts and run it until SIGINT/SIGTERM (see supervisor.py)."""
     from .backends.zfs import ZfsBackend
-    from .rpcserver import ClientLimits, PipeSettings, serve_pipe
+    from .metrics import Metrics
     from .runner import CommandRunner
     from .service import FsrvpService
     from .store import StateStore
-    from .transports.base import ShareSpec
-    from .transports.embedded import EmbeddedFrontDoor
+    from .supervisor import Supervisor
 
+    metrics = Metrics(__version__)
     runner = CommandRunner(default_timeout=config.command_timeout)
     backends = {"zfs": ZfsBackend(runner, config.mount_root, config.command_timeout)}
-    front_door = EmbeddedFrontDoor(config.listen, config.port, config.users, config.netbios_name, config.domain,
-                                   max_connections_per_client=config.limits.max_connections_per_client)
+    if config.front_door == "samba":
+        config, front_door, share_lookup = _samba_front_door(config, runner)
+    else:
+        front_door, share_lookup = _embedded_front_door(config, metrics), None
     store = StateStore(config.state_dir)
-    service = FsrvpService(config, store, backends, front_door, extra_host_names=host_names_and_addresses())
-    await service.start()
-    for share in config.shares.values():
-        await front_door.publish_share(ShareSpec(share.name, share.path, read_only=False, comment=share.comment))
-    settings = PipeSettings.from_config(config, dns_name=config.fqdn)
-    clients = ClientLimits(config.limits.max_connections_per_client, config.limits.max_calls_per_second)
-    await front_door.start(lambda reader, writer, caller: serve_pipe(service, reader, writer, caller, settings,
-                                                                     clients))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    timers = asyncio.create_task(service.run_timers())
-    log.info("fsrvpd %s serving \\\\%s on %s:%d (%s front door), shares: %s", __version__, config.netbios_name,
-             config.listen, config.port, config.front_door, ", ".join(s.name for s in config.shares.values()))
-    await stop.wait()
-    log.info("stopping")
-    timers.cancel()
-    async with service.lock:  # let a call in flight finish its storage work
-        await front_door.stop()
-    store.close()
+    service = FsrvpService(config, store, backends, front_door, extra_host_names=host_names_and_addresses(),
+                           observer=metrics, share_lookup=share_lookup)
+    await Supervisor(service, front_door, runner, metrics, log_destination).run()
+
+
+def _embedded_front_door(config: Config, metrics):
+    from .transports.embedded import EmbeddedFrontDoor
+
+    return EmbeddedFrontDoor(config.listen, config.port, config.users, config.netbios_name, config.domain,
+                             observer=metrics, max_connections_per_client=config.limits.max_connections_per_client)
+
+
+def _samba_front_door(config: Config, runner):
+    """Check Samba's setup and take the pipe socket before anything else; then Samba's names and
+    shares replace the YAML's: UNCs name smbd's host, shares are smbd's."""
+    import dataclasses
+    import os
+
+    from .samba import SambaShareCatalog, SambaTools
+    from .transports.samba import SambaFrontDoor, bind_pipe_socket, check_samba_settings
+
+    tools = SambaTools(runner, config.smb_conf, os.path.join(config.state_dir, "tmp"))
+    front_door = SambaFrontDoor(tools, bind_pipe_socket(check_samba_settings(tools)))
+    catalog = SambaShareCatalog(tools, config.shares)
+    catalog.refresh()
+    netbios_name = tools.parameter("netbios name").upper()
+    aliases = tuple(tools.parameter("netbios aliases").replace(",", " ").split())
+    config = dataclasses.replace(config, netbios_name=netbios_name, aliases=config.aliases + aliases,
+                                 domain=tools.parameter("workgroup"), shares=catalog.shares())
+    return config, front_door, catalog.lookup
 
 
 def _readable_by_others(path: str) -> str:
@@ -95,18 +105,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fsrvpd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    exposed = _readable_by_others(args.config) if config.users else ""
-    if exposed:
-        print(f"fsrvpd: warning: {args.config} holds NT hashes (password equivalents) but is readable by "
-              f"{exposed}: chmod 600 it", file=sys.stderr)
     if args.command == "check-config":
         print(f"{args.config}: OK ({len(config.shares)} share(s), {len(config.users)} user(s))")
         return 0
-    os.umask(0o077)  # whatever the daemon creates (state, mount points, logs it opens) is root's alone
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.umask(0o077)  # whatever the daemon creates (state, mount points, sockets) is root's alone
+    log_destination = logs.setup(config.log_level)
+    exposed = _readable_by_others(args.config) if config.users else ""
+    if exposed:
+        log.warning("%s holds NT hashes (password equivalents) but is readable by %s: chmod 600 it",
+                    args.config, exposed)
+    from .samba import SambaError
+    from .transports.samba import SambaSetupError
+
     try:
-        asyncio.run(serve(config))
-    except OSError as exc:
+        asyncio.run(serve(config, log_destination))
+    except (OSError, SambaError, SambaSetupError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0

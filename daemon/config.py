@@ -17,8 +17,10 @@ import yaml
 from .rpcauth import AuthLevel
 
 DEFAULT_STATE_DIR = "/var/lib/fsrvpd"
+DEFAULT_ADMIN_SOCKET = "/run/fsrvpd/admin.sock"  # systemd's RuntimeDirectory=fsrvpd
 BACKENDS = ("zfs",)
-FRONT_DOORS = ("embedded",)
+FRONT_DOORS = ("embedded", "samba")
+DEFAULT_SMB_CONF = "/etc/samba/smb.conf"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # SMB share names: printable, no path or wildcard characters; '@' is kept for snapshot shares.
 SHARE_NAME = re.compile(r"^[^\x00-\x1f\"\\/\[\]:|<>+=;,*?@{}]{1,80}$")
@@ -41,7 +43,7 @@ class ConfigError(Exception):
 @dataclasses.dataclass(frozen=True)
 class ShareConfig:
     name: str
-    path: str
+    path: str | None  # None in samba mode: Samba's configuration has the path
     backend: str
     store: str | None  # explicit dataset/volume; None = detect from the path
     comment: str
@@ -68,6 +70,7 @@ class Config:
     front_door: str
     listen: str
     port: int
+    smb_conf: str  # samba mode: the smb.conf smbd runs with
     domain: str
     users: dict[str, str]  # user name -> NT hash (hex)
     state_dir: str
@@ -77,6 +80,10 @@ class Config:
     command_timeout: float
     shares: dict[str, ShareConfig]  # keyed by casefolded share name
     log_level: str
+    metrics_listen: str
+    metrics_port: int | None  # None: no metrics endpoint
+    admin_socket: str
+    allowed: tuple[str, ...] = ()  # SIDs and account names allowed to change state, besides the built-in groups
     min_auth_level: AuthLevel = AuthLevel.PKT_INTEGRITY
     limits: Limits = Limits()
 
@@ -97,25 +104,30 @@ class Config:
 class _Section:
     """A YAML mapping being read: typed getters that know the key's line, and unknown-key checks."""
 
-    def __init__(self, source: str, node: yaml.Node | None, path: str):
+    def __init__(self, source: str, node: yaml.Node | None, path: str, line: int | None = None):
         self.source, self.path = source, path
-        self.line = node.start_mark.line + 1 if node is not None else None
+        # The line of the section's own key if it has one: a block mapping starts a line below it.
+        self.line = line or (node.start_mark.line + 1 if node is not None else None)
         if node is not None and not isinstance(node, yaml.MappingNode):
             raise ConfigError(source, self.line, path or "(top level)", "must be a mapping of keys to values")
         self.items: dict[str, yaml.Node] = {}
+        self.key_lines: dict[str, int] = {}
         for key_node, value_node in node.value if node is not None else []:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise ConfigError(source, key_node.start_mark.line + 1, path or "(top level)",
+                                  "keys must be plain names, not lists or mappings")
             key = str(key_node.value)
             if key in self.items:
                 raise ConfigError(source, key_node.start_mark.line + 1, self._key(key), "appears twice")
             self.items[key] = value_node
+            self.key_lines[key] = key_node.start_mark.line + 1
         self.used: set[str] = set()
 
     def _key(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
     def error(self, key: str, message: str) -> ConfigError:
-        node = self.items.get(key)
-        return ConfigError(self.source, node.start_mark.line + 1 if node else self.line, self._key(key), message)
+        return ConfigError(self.source, self.key_lines.get(key, self.line), self._key(key), message)
 
     def _scalar(self, key: str, required: bool) -> yaml.ScalarNode | None:
         self.used.add(key)
@@ -134,7 +146,7 @@ class _Section:
         if node is None:
             return default
         value = str(node.value)
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):
             raise self.error(key, f"{value!r} is not valid{': ' + hint if hint else ''}")
         return value
 
@@ -144,7 +156,16 @@ class _Section:
             raise self.error(key, f"{value!r} is not one of {', '.join(choices)}")
         return value
 
-    def number(self, key: str, default: float, minimum: float, maximum: float, integer: bool = False) -> float:
+    def ip_address(self, key: str, default: str) -> str:
+        value = self.text(key, default)
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise self.error(key, f"{value!r} is not an IP address") from None
+        return value
+
+    def number(self, key: str, default: float | None, minimum: float, maximum: float,
+               integer: bool = False) -> float | None:
         node = self._scalar(key, False)
         if node is None:
             return default
@@ -176,7 +197,7 @@ class _Section:
         node = self.items.get(key)
         if node is not None and isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
             node = None
-        return _Section(self.source, node, self._key(key))
+        return _Section(self.source, node, self._key(key), self.key_lines.get(key))
 
     def subsections(self, key: str) -> list[tuple[str, _Section]]:
         parent = self.section(key)
@@ -196,7 +217,15 @@ def parse(text: str, source: str = "<config>") -> Config:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(source, mark.line + 1 if mark else None, "", f"not valid YAML: {exc}") from None
+        if mark is not None:
+            line = mark.line + 1
+        elif isinstance(exc, yaml.reader.ReaderError):  # a forbidden character: only its offset is known
+            line = text.count("\n", 0, exc.position) + 1
+        else:
+            line = None
+        raise ConfigError(source, line, "", f"not valid YAML: {exc}") from None
+    if root is None:
+        raise ConfigError(source, 1, "(top level)", "has no settings (the file is empty or only comments)")
     top = _Section(source, root, "")
 
     server = top.section("server")
@@ -209,16 +238,16 @@ def parse(text: str, source: str = "<config>") -> Config:
 
     front = top.section("front_door")
     mode = front.choice("mode", FRONT_DOORS, "embedded")
-    listen = front.text("listen", "0.0.0.0")
-    try:
-        ipaddress.ip_address(listen)
-    except ValueError:
-        raise front.error("listen", f"{listen!r} is not an IP address") from None
+    listen = front.ip_address("listen", "0.0.0.0")
     port = int(front.number("port", 445, 1, 65535, integer=True))
+    smb_conf = front.absolute_path("smb_conf", DEFAULT_SMB_CONF)
     front.finish()
+    samba = mode == "samba"
 
     users = {}
     for name, user in top.subsections("users"):
+        if samba:
+            raise top.section("users").error(name, "users belong to Samba in samba mode (smbpasswd, AD)")
         nt_hash = user.text("nt_hash", required=True, pattern=NT_HASH,
                             hint="32 hex digits; make one with `fsrvpd nt-hash`")
         users[name] = nt_hash.lower()
@@ -238,22 +267,34 @@ def parse(text: str, source: str = "<config>") -> Config:
 
     shares: dict[str, ShareConfig] = {}
     for name, share in top.subsections("shares"):
-        if not SHARE_NAME.match(name):
+        if not SHARE_NAME.fullmatch(name):
             raise top.section("shares").error(name, "is not a valid SMB share name")
         if name.casefold() in shares:
             raise top.section("shares").error(name, "differs from another share only in case")
         backend = share.choice("backend", BACKENDS, "zfs")
+        if samba and "path" in share.items:
+            raise share.error("path", "comes from Samba's configuration in samba mode; leave it out")
         shares[name.casefold()] = ShareConfig(
             name=name,
-            path=share.absolute_path("path", required=True),
+            path=None if samba else share.absolute_path("path", required=True),
             backend=backend,
             store=share.text("dataset"),
             comment=share.text("comment", ""),
         )
         share.finish()
 
+    authorization = top.section("authorization")
+    allowed = authorization.text_list("allow")
+    authorization.finish()
+
     rpc = top.section("rpc")
-    min_auth_level = MIN_AUTH_LEVELS[rpc.choice("min_auth_level", tuple(MIN_AUTH_LEVELS), "integrity")]
+    min_auth_level = MIN_AUTH_LEVELS[rpc.choice("min_auth_level", tuple(MIN_AUTH_LEVELS),
+                                                "none" if samba else "integrity")]
+    if samba and min_auth_level != AuthLevel.NONE:
+        # The bind's NTLM would have to be checked against Samba's accounts (winbind), which fsrvpd
+        # cannot do yet; smbd authenticates the session and authorization checks its SIDs.
+        raise rpc.error("min_auth_level", "RPC-level authentication is not available behind Samba yet; "
+                                          "leave it out (none)")
     rpc.finish()
 
     limits = _limits(top.section("limits"))
@@ -261,12 +302,23 @@ def parse(text: str, source: str = "<config>") -> Config:
     logging_section = top.section("logging")
     log_level = logging_section.choice("level", LOG_LEVELS, "info")
     logging_section.finish()
+
+    metrics = top.section("metrics")
+    metrics_listen = metrics.ip_address("listen", "127.0.0.1")
+    metrics_port = metrics.number("port", None, 1, 65535, integer=True)
+    metrics.finish()
+
+    admin = top.section("admin")
+    admin_socket = admin.absolute_path("socket", DEFAULT_ADMIN_SOCKET)
+    admin.finish()
     top.finish()
 
     return Config(source=source, netbios_name=netbios_name, fqdn=fqdn, aliases=aliases, front_door=mode,
-                  listen=listen, port=port, domain=domain, users=users, state_dir=state_dir, mount_root=mount_root,
+                  listen=listen, port=port, smb_conf=smb_conf, domain=domain, users=users, state_dir=state_dir,
+                  mount_root=mount_root,
                   sequence_timeout=sequence_timeout, sequence_timeout_long=sequence_timeout_long,
                   command_timeout=command_timeout, shares=shares, log_level=log_level,
+                  metrics_listen=metrics_listen, metrics_port=metrics_port, admin_socket=admin_socket, allowed=allowed,
                   min_auth_level=min_auth_level, limits=limits)
 
 
@@ -291,8 +343,12 @@ def _limits(section: _Section) -> Limits:
 
 def load(path: str) -> Config:
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        with open(path, "rb") as handle:
+            data = handle.read()
     except OSError as exc:
         raise ConfigError(path, None, "", f"cannot read: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, data.count(b"\n", 0, exc.start) + 1, "", "is not UTF-8 text") from None
     return parse(text, path)

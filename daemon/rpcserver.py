@@ -17,9 +17,10 @@ import time
 from typing import Callable, Mapping
 
 from . import dcerpc
+from . import logs
 from . import messages
 from .config import MIN_AUTH_LEVELS, Config, Limits
-from .constants import FSRVP_INTERFACE_UUID, FSRVP_INTERFACE_VERSION, HResult, Opnum
+from .constants import FSRVP_INTERFACE_UUID, FSRVP_INTERFACE_VERSION, HResult, Opnum, hresult_name
 from .ndr import NdrError
 from .ntlm import NtHashAccounts, NtlmContext
 from .rpcauth import AuthLevel, AuthType, SecurityProviders
@@ -53,8 +54,8 @@ class PipeSettings:
     limits: Limits
 
     @classmethod
-    def from_config(cls, config: Config, dns_name: str | None = None) -> PipeSettings:
-        providers = embedded_security_providers(config.users, config.domain, config.netbios_name, dns_name)
+    def from_config(cls, config: Config) -> PipeSettings:
+        providers = embedded_security_providers(config.users, config.domain, config.netbios_name, config.fqdn)
         return cls(config.min_auth_level, providers, config.limits)
 
 
@@ -150,36 +151,58 @@ def _log_authentication(result: dcerpc.AuthenticationResult, caller: Caller) -> 
 
 async def answer(service: FsrvpService, connection: dcerpc.ServerConnection, call: dcerpc.RpcCall,
                  caller: Caller, settings: PipeSettings, clients: ClientLimits) -> None:
+    """Answer one call, with its journal fields on every record it logs and its result counted."""
+    try:
+        operation = Opnum(call.opnum).name
+    except ValueError:
+        operation = "unknown"
+    caller = dataclasses.replace(caller, rpc_principal=call.principal)
+    principal = call.principal or caller
+    started = time.monotonic()
+    with logs.call_fields(**{logs.CLIENT: caller.address, logs.PRINCIPAL: f"{principal.domain}\\{principal.user}",
+                             logs.OPERATION: operation}):
+        result = await _answer(service, connection, call, caller, operation, settings, clients)
+    service.observer.call_answered(operation, result, time.monotonic() - started)
+
+
+async def _answer(service: FsrvpService, connection: dcerpc.ServerConnection, call: dcerpc.RpcCall,
+                  caller: Caller, operation: str, settings: PipeSettings, clients: ClientLimits) -> int:
+    """Send the response or a fault; returns the HRESULT answered or the fault status."""
     if not clients.allow_call(caller.address):
         log.warning("call from %s refused: over limits.max_calls_per_second (%g)", caller.address,
                     settings.limits.max_calls_per_second)
         connection.send_fault(call, dcerpc.RPC_S_SERVER_TOO_BUSY)
-        return
+        return dcerpc.RPC_S_SERVER_TOO_BUSY
     try:
         request = messages.decode_request(call.opnum, call.stub, settings.limits.max_string_chars)
     except messages.UnknownOpnum:
         log.info("unknown opnum %d from %s", call.opnum, caller.address)
         connection.send_fault(call, dcerpc.NCA_S_OP_RNG_ERROR)
-        return
+        return dcerpc.NCA_S_OP_RNG_ERROR
     except NdrError as exc:
-        log.info("undecodable %s stub from %s: %s", Opnum(call.opnum).name, caller.address, exc)
+        log.info("undecodable %s stub from %s: %s", operation, caller.address, exc)
         connection.send_fault(call, dcerpc.NCA_S_FAULT_NDR)
-        return
+        return dcerpc.NCA_S_FAULT_NDR
     level = call.principal.level if call.principal else AuthLevel.NONE
     if level < settings.min_auth_level:
         # MS-FSRVP 3.1.4: a caller below the required authentication level gets E_ACCESSDENIED.
-        log.warning("%s from %s denied: RPC authentication %s is below rpc.min_auth_level %s",
-                    Opnum(call.opnum).name, caller.address, call.principal or "none",
-                    _LEVEL_SETTING[settings.min_auth_level])
+        log.warning("%s from %s denied: RPC authentication %s is below rpc.min_auth_level %s", operation,
+                    caller.address, call.principal or "none", _LEVEL_SETTING[settings.min_auth_level],
+                    extra={logs.HRESULT: f"{HResult.E_ACCESSDENIED:#010x}"})
         connection.send_response(call, messages.encode_response(
             call.opnum, messages.failure_response(request, HResult.E_ACCESSDENIED)))
-        return
-    caller = dataclasses.replace(caller, rpc_principal=call.principal)
-    try:
-        response = await service.handle(request, caller)
-    except Exception:
-        log.exception("%s from %s failed inside fsrvpd", Opnum(call.opnum).name, caller.address)
-        connection.send_fault(call, HResult.E_UNEXPECTED)
-        return
-    log.debug("%s -> %#010x", Opnum(call.opnum).name, response.result)
+        return HResult.E_ACCESSDENIED
+    with logs.call_fields(**{logs.SET_ID: getattr(request, "set_id", None),
+                             logs.SHARE: getattr(request, "share_name", None)}):
+        try:
+            response = await service.handle(request, caller)
+        except Exception:
+            log.exception("%s from %s failed inside fsrvpd", operation, caller.address)
+            connection.send_fault(call, HResult.E_UNEXPECTED)
+            return HResult.E_UNEXPECTED
+        log.log(logging.DEBUG if response.result == HResult.S_OK else logging.INFO, "%s from %s -> %s", operation,
+                caller.address, hresult_name(response.result),
+                extra={logs.HRESULT: f"{response.result:#010x}", logs.SET_ID: getattr(response, "set_id", None)
+                       or getattr(request, "set_id", None)})
     connection.send_response(call, messages.encode_response(call.opnum, response))
+    return response.result

@@ -18,22 +18,26 @@ import uuid
 from typing import Callable
 
 from . import messages as m
+from .authz import Authorizer, changes_state
 from .backends.base import Backend, BackendError, FileStore, NotSupported, ShadowCopyRef
 from .config import Config, ShareConfig
 from .constants import FSRVP_MAX_VERSION, FSRVP_MIN_VERSION, HResult
-from .state import Refused, ShadowCopy, ShadowCopyMachine, ShadowCopySet, Status
+from .logs import HRESULT as HRESULT_FIELD, set_fields
+from .observer import Observer
+from .state import Refused, ShadowCopy, ShadowCopyMachine, ShadowCopySet, Status, is_exposed_share_name
 from .store import StateStore
-from .transports.base import Caller, FrontDoor, ShareSpec
+from .transports.base import Caller, FrontDoor, FrontDoorError, ShareSpec
 from .unc import BadUnc, parse_unc
 
 log = logging.getLogger("fsrvpd.service")
 
 SWEEP_INTERVAL_SECONDS = 60.0
+RETRY_REMOVAL_SECONDS = 5.0  # storage that was busy when it should have gone is tried again this soon
 GLOBALS_KEY = "globals"
 
 
 def copy_ref(scs: ShadowCopySet, copy: ShadowCopy) -> ShadowCopyRef:
-    return ShadowCopyRef(set_id=scs.set_id, copy_id=copy.copy_id, store=FileStore(**copy.store))
+    return ShadowCopyRef(set_id=scs.set_id, copy_id=copy.copy_id, store=FileStore(**copy.store), source=copy.source)
 
 
 def _who(caller: Caller) -> str:
@@ -47,16 +51,23 @@ class FsrvpService:
     """Answers the 13 FSRVP operations; see the module docstring for the order of effects."""
 
     def __init__(self, config: Config, store: StateStore, backends: dict[str, Backend], front_door: FrontDoor,
-                 clock: Callable[[], float] = time.time, extra_host_names: frozenset[str] = frozenset()):
-        self.config = config
+                 clock: Callable[[], float] = time.time, extra_host_names: frozenset[str] = frozenset(),
+                 observer: Observer | None = None, authorizer: Authorizer | None = None,
+                 share_lookup: Callable[[str], ShareConfig | None] | None = None):
+        """`share_lookup` finds a base share by name (default: the configuration's shares; Samba's in
+        samba mode, where smbd serves them)."""
+        self.authorizer = authorizer or Authorizer([*config.users, *config.allowed])
+        self._share_lookup = share_lookup
         self.store = store
         self.backends = backends
         self.front_door = front_door
         self.clock = clock
-        self.host_names = config.own_host_names() | {name.casefold() for name in extra_host_names}
-        self.machine = ShadowCopyMachine(config.sequence_timeout, config.sequence_timeout_long,
-                                         max_shares_per_set=config.limits.max_shares_per_set)
+        self.extra_host_names = frozenset(name.casefold() for name in extra_host_names)
+        self.observer = observer or Observer()
+        self.machine = ShadowCopyMachine(config.sequence_timeout, config.sequence_timeout_long)
+        self.reconfigure(config)
         self.lock = asyncio.Lock()
+        self.removal_pending = False  # some storage could not be removed yet: sweep soon
         self.handlers = {
             m.GetSupportedVersionRequest: self.get_supported_version,
             m.SetContextRequest: self.set_context,
@@ -74,6 +85,13 @@ class FsrvpService:
         }
 
     # -- life cycle ---------------------------------------------------------------------------
+    def reconfigure(self, config: Config) -> None:
+        """Take a (re)loaded configuration: shares, host names and timer values apply to the next call."""
+        self.config = config
+        self.host_names = config.own_host_names() | self.extra_host_names
+        self.machine.set_timeouts(config.sequence_timeout, config.sequence_timeout_long)
+        self.machine.max_shares_per_set = config.limits.max_shares_per_set
+
     async def start(self) -> None:
         """Reload the durable state, undo what a crash interrupted, republish exposures, sweep."""
         self.machine.restore(self.store.load_sets(), self.store.load_setting(GLOBALS_KEY))
@@ -93,8 +111,12 @@ class FsrvpService:
             for scs in self.machine.sets.values():
                 for copy in scs.copies:
                     if copy.exposed_path:
-                        await self._publish(copy)
+                        try:
+                            await self._publish(copy)
+                        except FrontDoorError as exc:
+                            log.error("cannot republish %s: %s", copy.exposed_name, exc)
         log.info("state reloaded: %d shadow copy set(s)", len(self.machine.sets))
+        await self._remove_orphaned_shares()
         await self.expire()
         await self.sweep()
 
@@ -104,49 +126,85 @@ class FsrvpService:
         while True:
             await asyncio.sleep(min(1.0, self.config.sequence_timeout / 4))
             await self.expire()
-            if time.monotonic() - last_sweep >= SWEEP_INTERVAL_SECONDS:
+            since_sweep = time.monotonic() - last_sweep
+            if since_sweep >= SWEEP_INTERVAL_SECONDS or (self.removal_pending and since_sweep >= RETRY_REMOVAL_SECONDS):
                 last_sweep = time.monotonic()
                 await self.sweep()
 
-    async def expire(self) -> None:
+    async def expire(self) -> list[ShadowCopySet]:
         async with self.lock:
             expired = self.machine.expire(self.clock())
             if not expired:
-                return
+                return []
             for scs in expired:
                 log.warning("sequence timer expired: removing set %s (%s) of %s and its snapshots", scs.set_id,
-                            scs.status.value, scs.client_address)
+                            scs.status.value, scs.client_address, extra=set_fields(scs))
             self._persist(deleted=expired)
             for scs in expired:
                 await self._destroy(scs, scs.copies)
+            self.observer.timer_expired(len(expired))
+            return expired
 
-    async def sweep(self) -> None:
-        """Remove storage objects carrying our tags that no set in the state owns any more."""
+    async def _remove_orphaned_shares(self) -> None:
+        """Withdraw snapshot shares the front door still has but no set in the state exposes."""
         async with self.lock:
+            live = {c.exposed_name for s in self.machine.sets.values() for c in s.copies if c.exposed_name}
+            for name in self.front_door.share_names():
+                if is_exposed_share_name(name) and name not in live:
+                    log.warning("removing orphaned snapshot share %s", name)
+                    await self._unpublish(name)
+
+    async def sweep(self) -> int:
+        """Remove shares and storage objects carrying our tags that no set in the state owns any more;
+        count the storage objects.
+
+        Only in the pools of the configured shares and of the sets: another fsrvpd on the host (a
+        test's, say) keeps its own objects elsewhere, and they are not ours to judge.
+        """
+        await self._remove_orphaned_shares()
+        removed = 0
+        scope = {(store.backend, store.group) for _, store in await self._configured_stores()}
+        async with self.lock:
+            self.removal_pending = False
+            scope |= {(c.store["backend"], c.store["group"]) for s in self.machine.sets.values() for c in s.copies}
             for backend in self.backends.values():
                 try:
                     owned = await asyncio.to_thread(backend.owned)
                 except BackendError as exc:
                     log.error("cannot list %s objects to sweep: %s", backend.name, exc)
                     continue
+                orphans = left = 0
                 for obj in owned:
+                    if obj.group is not None and (backend.name, obj.group) not in scope:
+                        continue
                     scs = self.machine.sets.get(obj.set_id)
                     if scs is not None and (obj.copy_id is None or scs.copy(obj.copy_id) is not None):
                         continue
+                    orphans += 1
                     log.warning("removing orphaned %s %s (set %s)", obj.kind, obj.name, obj.set_id)
                     try:
                         await asyncio.to_thread(backend.remove_owned, obj)
                     except BackendError as exc:
+                        left += 1
                         log.error("cannot remove orphaned %s %s yet: %s", obj.kind, obj.name, exc)
+                        self.removal_pending = True
+                self.observer.swept(backend.name, orphans, left)
+                removed += orphans - left
+        return removed
 
     # -- dispatch -----------------------------------------------------------------------------
     async def handle(self, request, caller: Caller):
         """Answer one decoded request; refusals become HRESULTs, never exceptions."""
         handler = self.handlers[type(request)]
+        if changes_state(request) and not self.authorizer.allows(caller):
+            log.warning("%s from %s refused: E_ACCESSDENIED (not in Administrators, Backup Operators or the "
+                        "configured allow list)", type(request).__name__.removesuffix("Request"), _who(caller))
+            return m.failure_response(request, int(HResult.E_ACCESSDENIED))
         try:
             return await handler(request, caller)
         except Refused as refused:
-            log.info("%s from %s refused: %s", type(request).__name__.removesuffix("Request"), _who(caller), refused)
+            log.info("%s from %s refused: %s", type(request).__name__.removesuffix("Request"), _who(caller), refused,
+                     extra={HRESULT_FIELD: f"{int(refused.result):#010x}"})
             return m.failure_response(request, int(refused.result))
 
     def _persist(self, *changed: ShadowCopySet, deleted: list[ShadowCopySet] = ()) -> None:
@@ -159,10 +217,20 @@ class FsrvpService:
             parsed = parse_unc(unc, self.host_names)
         except BadUnc as exc:
             raise Refused(HResult.E_INVALIDARG, str(exc)) from None
-        share = self.config.share(parsed.share)
+        share = (self._share_lookup or self.config.share)(parsed.share)
         if share is None:
             raise Refused(HResult.FSRVP_E_OBJECT_NOT_FOUND, f"no share {parsed.share!r} is configured")
         return share
+
+    async def _configured_stores(self) -> list[tuple[ShareConfig, FileStore]]:
+        """The file store of every configured share that has one (those that cannot be shadow-copied left out)."""
+        found = []
+        for share in self.config.shares.values():
+            try:
+                found.append((share, await self._file_store(share)))
+            except Refused:
+                continue
+        return found
 
     async def _file_store(self, share: ShareConfig) -> FileStore:
         backend = self.backends[share.backend]
@@ -266,7 +334,7 @@ class FsrvpService:
                                                                 not copy.read_only)
                     self._persist(scs)
                     await self._publish(copy)
-            except BackendError as exc:
+            except (BackendError, FrontDoorError) as exc:
                 log.error("expose of set %s failed: %s", scs.set_id, exc)
                 result = HResult.FSRVP_E_WAIT_FAILED
             elapsed_ms = (time.monotonic() - started) * 1000
@@ -289,7 +357,11 @@ class FsrvpService:
             self._persist(scs)
             if scs.auto_recovery:
                 for copy in scs.copies:
-                    await self._publish(copy)  # the share refuses writes first, then the storage too
+                    try:
+                        await self._publish(copy)  # the share refuses writes first, then the storage too
+                    except FrontDoorError as exc:
+                        log.error("share %s stays writable at the share level (the storage is made read-only "
+                                  "all the same): %s", copy.exposed_name, exc)
                     await asyncio.to_thread(self.backends[copy.store["backend"]].make_read_only, copy_ref(scs, copy))
         log.info("set %s recovered (read-only from now on), said %s", scs.set_id, _who(caller))
         return m.failure_response(request, 0)
@@ -338,25 +410,81 @@ class FsrvpService:
         log.info("set %s: copy %s of %s deleted by %s", scs.set_id, copy.copy_id, share.name, _who(caller))
         return m.failure_response(request, 0)
 
+    # -- administration (fsrvpctl) -------------------------------------------------------------
+    async def delete_set(self, set_id: uuid.UUID) -> ShadowCopySet:
+        """An admin removes a set with its shares and storage, whatever its status (Refused if unknown)."""
+        async with self.lock:
+            scs = self.machine.discard(set_id)
+            self._persist(deleted=[scs])
+            await self._destroy(scs, scs.copies)
+        log.warning("set %s (%s) deleted by the administrator", scs.set_id, scs.status.value, extra=set_fields(scs))
+        return scs
+
+    async def expose_snapshot(self, snapshot: str) -> ShadowCopySet:
+        """Publish an existing snapshot of a configured share read-only, e.g. for a restore.
+
+        It becomes a Recovered set of one copy whose share is `share@{GUID}`; deleting the set
+        removes the clone and the share, never the snapshot.  Refused(OBJECT_NOT_FOUND) names the
+        shares when no configured share's file store has that snapshot's name.
+        """
+        store_name = snapshot.partition("@")[0]
+        stores = await self._configured_stores()
+        match = next(((share, store) for share, store in stores if store.name == store_name and "@" in snapshot),
+                     None)
+        if match is None:
+            raise Refused(HResult.FSRVP_E_OBJECT_NOT_FOUND,
+                          f"{snapshot!r} is not a snapshot of a configured share's file store ("
+                          + ", ".join(f"{share.name}: {store.name}" for share, store in stores) + ")")
+        share, store = match
+        async with self.lock:
+            scs = self.machine.restore_set(share.name, f"\\\\{self.config.netbios_name}\\{share.name}\\",
+                                           dataclasses.asdict(store), snapshot, self.clock())
+            self._persist(scs)  # intent: the clone and the share are about to exist
+            copy = scs.copies[0]
+            try:
+                copy.exposed_path = await asyncio.to_thread(self.backends[store.backend].expose,
+                                                            copy_ref(scs, copy), False)
+            except BackendError as exc:
+                self.machine.discard(scs.set_id)
+                self._persist(deleted=[scs])
+                await self._remove_storage(scs, scs.copies)
+                raise Refused(HResult.FSRVP_E_WAIT_FAILED, str(exc)) from None
+            self._persist(scs)
+            await self._publish(copy)
+        log.info("snapshot %s exposed read-only as share %s by the administrator", snapshot, copy.exposed_name,
+                 extra=set_fields(scs))
+        return scs
+
+    async def prune(self) -> dict[str, int]:
+        """Now rather than on the timers' schedule: drop expired sets and remove orphaned storage."""
+        return {"expired_sets": len(await self.expire()), "orphans_removed": await self.sweep()}
+
     # -- effects ------------------------------------------------------------------------------
     async def _publish(self, copy: ShadowCopy) -> None:
         await self.front_door.publish_share(ShareSpec(name=copy.exposed_name, path=copy.exposed_path,
                                                       read_only=copy.read_only,
-                                                      comment=f"shadow copy of {copy.share}"))
+                                                      comment=f"shadow copy of {copy.share}", base=copy.share))
 
     async def _withdraw(self, scs: ShadowCopySet) -> None:
         """Undo a half-made exposure: shares first, then the clones (snapshots stay)."""
         for copy in scs.copies:
             if copy.exposed_name:
-                await self.front_door.unpublish_share(copy.exposed_name)
+                await self._unpublish(copy.exposed_name)
         await self._remove_storage(scs, scs.copies, exposures_only=True)
 
     async def _destroy(self, scs: ShadowCopySet, copies: list[ShadowCopy]) -> None:
         """Withdraw shares and remove storage of copies the state no longer holds."""
         for copy in copies:
             if copy.exposed_name:
-                await self.front_door.unpublish_share(copy.exposed_name)
+                await self._unpublish(copy.exposed_name)
         await self._remove_storage(scs, copies)
+
+    async def _unpublish(self, name: str) -> None:
+        """A share that cannot be withdrawn now is an orphan: the sweep withdraws it later."""
+        try:
+            await self.front_door.unpublish_share(name)
+        except FrontDoorError as exc:
+            log.error("could not withdraw share %s yet (the sweep retries): %s", name, exc)
 
     async def _remove_storage(self, scs: ShadowCopySet, copies: list[ShadowCopy],
                               exposures_only: bool = False) -> None:
@@ -368,6 +496,7 @@ class FsrvpService:
                 await asyncio.to_thread(remove, copy_ref(scs, copy))
             except BackendError as exc:
                 log.error("could not remove storage of copy %s yet (the sweep retries): %s", copy.copy_id, exc)
+                self.removal_pending = True
 
 
 def _over(elapsed_ms: float, timeout_ms: int) -> bool:

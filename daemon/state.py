@@ -25,13 +25,15 @@ The rules, after MS-FSRVP 3.1.1-3.1.5 (what we add is marked *):
   between, outside this module.  A failed commit is undone and the set goes back to Added*.
 
 Every method returns its result or raises Refused(hresult) having changed nothing -- except
-SetContext's retry limit, whose Refused carries the sets it deleted.
+SetContext's retry limit, whose Refused carries the sets it deleted, and a duplicate Add, whose
+refusal restarts the timer SHORT (as 3.1.4.4 requires).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import uuid
 from typing import Callable
 
@@ -74,7 +76,8 @@ RULES: dict[str, Rule] = {
     "commit": Rule(frozenset({S.ADDED, S.CREATION_IN_PROGRESS}), S.CREATION_IN_PROGRESS, Timer.STOP),
     "expose": Rule(frozenset({S.COMMITTED}), None, Timer.STOP),
     "recovery_complete": Rule(frozenset({S.EXPOSED}), S.RECOVERED, Timer.STOP),
-    # A commit in flight cannot be interrupted*; everything else can be thrown away.
+    # A commit in flight cannot be interrupted*; everything else can be thrown away.  Aborting an old
+    # Recovered set leaves the timer and context of the set in creation alone* (3.1.4.8 stops no timer).
     "abort": Rule(ALL - {S.CREATION_IN_PROGRESS}, None, Timer.STOP),
     # The spec says Exposed only (SHOULD); Recovered copies still exist and are still mapped*.
     "get_mapping": Rule(frozenset({S.EXPOSED, S.RECOVERED}), None, Timer.LONG),
@@ -85,7 +88,8 @@ HOLDS_SNAPSHOTS = frozenset({S.COMMITTED, S.EXPOSED, S.RECOVERED})
 
 
 class Refused(Exception):
-    """The call fails with this HRESULT; nothing changed but the `discarded` sets."""
+    """The call fails with this HRESULT; nothing changed but the `discarded` sets (and the timer
+    after a duplicate Add)."""
 
     def __init__(self, result: HResult, why: str, discarded: list[ShadowCopySet] | None = None):
         super().__init__(f"{result.name}: {why}")
@@ -105,6 +109,7 @@ class ShadowCopy:
     exposed_name: str | None = None  # share name `share@{GUID}` once exposure began
     exposed_path: str | None = None
     read_only: bool = True
+    source: str | None = None  # an admin's restore: the existing snapshot exposed (never removed)
 
 
 @dataclasses.dataclass
@@ -163,6 +168,14 @@ def exposed_share_name(share: str, copy_id: uuid.UUID) -> str:
     return f"{share}@{{{copy_id}}}{suffix}"
 
 
+_EXPOSED_SHARE_NAME = re.compile(r"^.+@\{[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}\}\$?$")
+
+
+def is_exposed_share_name(name: str) -> bool:
+    """Whether `name` has the form exposed_share_name gives (base share names cannot contain '@')."""
+    return _EXPOSED_SHARE_NAME.match(name) is not None
+
+
 def _require_guid(value: uuid.UUID, what: str) -> None:
     if value == NULL_GUID:
         raise Refused(HResult.E_INVALIDARG, f"{what} is NULL")
@@ -173,8 +186,8 @@ class ShadowCopyMachine:
 
     def __init__(self, short_timeout: float = 180.0, long_timeout: float = 1800.0,
                  new_id: Callable[[], uuid.UUID] = uuid.uuid4, max_shares_per_set: int = MAX_SHARES_PER_SET):
-        self.timeouts = {Timer.SHORT: short_timeout, Timer.LONG: long_timeout}
-        self.max_shares_per_set = max_shares_per_set
+        self.set_timeouts(short_timeout, long_timeout)
+        self.max_shares_per_set = max_shares_per_set  # a reload may change it, for the next Add
         self.new_id = new_id
         self.sets: dict[uuid.UUID, ShadowCopySet] = {}
         self.context_set = False
@@ -184,6 +197,10 @@ class ShadowCopyMachine:
         self.deadline: float | None = None  # the Message Sequence Timer, as unix time
 
     # -- helpers ------------------------------------------------------------------------------
+    def set_timeouts(self, short_timeout: float, long_timeout: float) -> None:
+        """The timer's two values (a reload may change them; a running timer keeps its deadline)."""
+        self.timeouts = {Timer.SHORT: short_timeout, Timer.LONG: long_timeout}
+
     def in_creation(self) -> ShadowCopySet | None:
         return next((s for s in self.sets.values() if s.status in IN_CREATION), None)
 
@@ -322,8 +339,9 @@ class ShadowCopyMachine:
     def abort(self, set_id: uuid.UUID, now: float) -> ShadowCopySet:
         scs = self._find(set_id, "abort")
         del self.sets[set_id]
-        self._apply(scs, "abort", now)
-        self._clear_context()
+        if self.in_creation() is None:  # aborting an old Recovered set leaves the one in creation alone*
+            self._apply(scs, "abort", now)
+            self._clear_context()
         return scs
 
     def share_mapping(self, set_id: uuid.UUID, copy_id: uuid.UUID, share: str, level: int,
@@ -355,6 +373,32 @@ class ShadowCopyMachine:
         if copy is None or copy.share.casefold() != share.casefold():
             raise Refused(missing, f"no copy {copy_id} of share {share} in set {scs.set_id}")
         return copy
+
+    def restore_set(self, share: str, unc: str, store: dict, source: str, now: float) -> ShadowCopySet:
+        """An admin's read-only exposure of an existing snapshot*: a Recovered set of one copy, with a
+        persistent context so that nothing but the admin removes it."""
+        scs = ShadowCopySet(set_id=self.new_id(), client_set_id=NULL_GUID, context=int(Context.NAS_ROLLBACK),
+                            status=S.RECOVERED, client_address="local", principal="fsrvpctl", started_at=now)
+        copy = ShadowCopy(copy_id=self.new_id(), client_copy_id=NULL_GUID, share=share, unc=unc, store=store,
+                          created_at=now, source=source)
+        copy.exposed_name = exposed_share_name(share, copy.copy_id)
+        scs.copies.append(copy)
+        self.sets[scs.set_id] = scs
+        return scs
+
+    def discard(self, set_id: uuid.UUID) -> ShadowCopySet:
+        """An admin deletes a set in any status but while its commit runs*; the set a client was
+        creating also releases the context, as Abort does."""
+        scs = self.sets.get(set_id)
+        if scs is None:
+            raise Refused(HResult.FSRVP_E_OBJECT_NOT_FOUND, f"no shadow copy set {set_id}")
+        if scs.status is S.CREATION_IN_PROGRESS:
+            raise Refused(HResult.FSRVP_E_BAD_STATE, f"set {set_id} is being committed; try again when it is done")
+        del self.sets[set_id]
+        if scs.status in IN_CREATION:
+            self._clear_context()
+            self._timer(Timer.STOP, 0)
+        return scs
 
     def expire(self, now: float) -> list[ShadowCopySet]:
         """Fire the sequence timer if it is due: returns the deleted sets, for cleanup."""

@@ -37,7 +37,7 @@ def parse_unc(path: str, own_host_names: set[str]) -> Unc:
     if len(parts) != 2:
         raise BadUnc(f"{path!r} must name a share, not a directory inside one")
     host, share = parts
-    if not HOST.match(host) or not SHARE.match(share) or share in (".", ".."):
+    if not HOST.fullmatch(host) or not SHARE.fullmatch(share) or share in (".", ".."):
         raise BadUnc(f"{path!r} has an invalid host or share name")
     if host.strip("[]").casefold() not in own_host_names:
         raise BadUnc(f"{host!r} is not this server")

@@ -1,14 +1,12 @@
 """What fsrvpd needs to run, and what it keeps to itself: it runs inside the capability bounding
-set of its systemd unit, listens on nothing but its SMB port (there is no admin socket), keeps its
-state root-only, and warns when its configuration's NT hashes are readable by others."""
+set of its systemd unit, listens on nothing but its SMB port and its root-only admin socket, keeps
+its state root-only, and warns when its configuration's NT hashes are readable by others."""
 
 from __future__ import annotations
 
 import os
 import re
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -37,7 +35,7 @@ def bounding_set(pid: int) -> int:
 
 def capability_bits(names: list[str]) -> int:
     numbers = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_FOWNER": 3,
-               "CAP_NET_BIND_SERVICE": 10, "CAP_SYS_ADMIN": 21}
+               "CAP_NET_BIND_SERVICE": 10, "CAP_IPC_LOCK": 14, "CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24}
     return sum(1 << numbers[name] for name in names)
 
 
@@ -45,8 +43,8 @@ def test_a_backup_runs_inside_the_units_capability_bounding_set(zfs_pool, tmp_pa
     capabilities = unit_capabilities()
     assert unit_setting("NoNewPrivileges") == "yes"
     daemon = FsrvpDaemon(zfs_pool, tmp_path, shares=("vms",))
-    daemon.launcher = ("setpriv", "--no-new-privs", "--inh-caps=-all",
-                       "--bounding-set=-all," + ",".join("+" + name.lower().removeprefix("cap_") for name in capabilities))
+    daemon.wrapper = ["setpriv", "--no-new-privs", "--inh-caps=-all",
+                      "--bounding-set=-all," + ",".join("+" + name.lower().removeprefix("cap_") for name in capabilities)]
     with daemon.start():
         assert bounding_set(daemon.process.pid) == capability_bits(capabilities)
         output = daemon.rpcclient("fss_create_expose backup ro vms")
@@ -73,10 +71,13 @@ def listening_sockets(pid: int) -> tuple[set[int], int]:
     return ports, unix
 
 
-def test_the_smb_port_is_the_only_way_in(daemon):
+def test_the_smb_port_and_the_root_only_admin_socket_are_the_only_ways_in(daemon):
     with daemon.client() as client:
         client.get_supported_version()  # srvsvc, wkssvc and FSRVP pipes have all been set up by now
-    assert listening_sockets(daemon.process.pid) == ({daemon.port}, 0)
+    assert listening_sockets(daemon.process.pid) == ({daemon.port}, 1)  # no metrics port configured here
+    admin = Path(daemon.admin_socket)
+    assert stat.S_ISSOCK(admin.stat().st_mode) and stat.S_IMODE(admin.stat().st_mode) == 0o600
+    assert admin.stat().st_uid == 0
 
 
 def test_state_and_mount_points_are_root_only(daemon):
@@ -103,14 +104,12 @@ def test_a_state_directory_made_too_wide_is_narrowed(zfs_pool, tmp_path, samba_c
         assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
 
 
-def test_configuration_readable_by_others_is_warned_about(tmp_path):
-    config = tmp_path / "fsrvpd.yaml"
-    config.write_text("users:\n  backup:\n    nt_hash: 8846f7eaee8fb117ad06bdd830b7586c\n")
-    config.chmod(0o644)
-    checked = subprocess.run([sys.executable, "-m", "fsrvpd", "check-config", "-c", str(config)],
-                             capture_output=True, text=True)
-    assert checked.returncode == 0 and "readable by its group and all users" in checked.stderr and "chmod 600" in checked.stderr
-    config.chmod(0o600)
-    checked = subprocess.run([sys.executable, "-m", "fsrvpd", "check-config", "-c", str(config)],
-                             capture_output=True, text=True)
-    assert checked.returncode == 0 and checked.stderr == ""
+def test_configuration_readable_by_others_is_warned_about(zfs_pool, tmp_path, samba_clients):
+    daemon = FsrvpDaemon(zfs_pool, tmp_path, shares=("vms",))
+    daemon.config_mode = 0o644
+    with daemon.start():
+        assert "holds NT hashes (password equivalents) but is readable by its group and all users: chmod 600 it" \
+            in daemon.log()
+    daemon.config_mode = 0o600
+    with daemon.start():
+        assert daemon.log().count("holds NT hashes") == 1  # the root-only file passes quietly

@@ -26,7 +26,7 @@ from tests.support.daemon import PASSWORD, USER, FsrvpDaemon, RawPipe
 
 
 def test_defaults_are_the_safe_ones():
-    parsed = fsrvpd_config.parse("")
+    parsed = fsrvpd_config.parse("logging: {level: info}\n")
     assert parsed.min_auth_level == AuthLevel.PKT_INTEGRITY
     assert parsed.limits == fsrvpd_config.Limits(max_shares_per_set=64, max_fragment_bytes=4280,
                                                   max_request_bytes=65536, max_string_chars=1024,
