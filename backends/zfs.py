@@ -290,7 +290,9 @@ class ZfsBackend(Backend):
             if copy.source is None:
                 _require_ours(snapshot, found[snapshot], copy.set_id, copy.copy_id)
             mountpoint = os.path.join(self.mount_root, str(copy.copy_id))
-            os.makedirs(self.mount_root, exist_ok=True)
+            if not os.path.isdir(self.mount_root):
+                os.makedirs(self.mount_root)
+                os.chmod(self.mount_root, 0o755)  # whatever the daemon's umask: smbd reaches clones as the user
             try:
                 self.zfs.clone(snapshot, clone, {"readonly": "off" if writable else "on", "mountpoint": mountpoint,
                                                  SET_TAG: str(copy.set_id), COPY_TAG: str(copy.copy_id)})

@@ -7,6 +7,7 @@ import asyncio
 import getpass
 import logging
 import os
+import stat
 import sys
 
 from . import __version__, logs
@@ -60,7 +61,7 @@ def _embedded_front_door(config: Config, metrics):
     from .transports.embedded import EmbeddedFrontDoor
 
     return EmbeddedFrontDoor(config.listen, config.port, config.users, config.netbios_name, config.domain,
-                             observer=metrics)
+                             observer=metrics, max_connections_per_client=config.limits.max_connections_per_client)
 
 
 def _samba_front_door(config: Config, runner):
@@ -81,6 +82,12 @@ def _samba_front_door(config: Config, runner):
     config = dataclasses.replace(config, netbios_name=netbios_name, aliases=config.aliases + aliases,
                                  domain=tools.parameter("workgroup"), shares=catalog.shares())
     return config, front_door, catalog.lookup
+
+
+def _readable_by_others(path: str) -> str:
+    """Who besides the owner may read `path` ("group", "others", both, or "")."""
+    mode = os.stat(path).st_mode
+    return " and ".join(who for who, bit in (("its group", stat.S_IRGRP), ("all users", stat.S_IROTH)) if mode & bit)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{args.config}: OK ({len(config.shares)} share(s), {len(config.users)} user(s))")
         return 0
+    os.umask(0o077)  # whatever the daemon creates (state, mount points, sockets) is root's alone
     log_destination = logs.setup(config.log_level)
+    exposed = _readable_by_others(args.config) if config.users else ""
+    if exposed:
+        log.warning("%s holds NT hashes (password equivalents) but is readable by %s: chmod 600 it",
+                    args.config, exposed)
     from .samba import SambaError
     from .transports.samba import SambaSetupError
 

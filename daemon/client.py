@@ -61,15 +61,16 @@ def _fault_status(message: str) -> int | None:
 class FsrvpClient:
     """One bound FssagentRpc pipe.
 
-    Credentials authenticate the SMB session.  `rpc_auth_level` (rpcrt.RPC_C_AUTHN_LEVEL_*)
-    additionally authenticates the RPC bind with NTLM, as MS-FSRVP asks of Windows clients; left
-    None the bind is unauthenticated, which Samba accepts over an authenticated SMB session.
+    Credentials authenticate the SMB session and, with NTLM, the RPC bind at `rpc_auth_level`
+    (rpcrt.RPC_C_AUTHN_LEVEL_*): packet privacy by default, as MS-FSRVP asks of clients.  None
+    binds unauthenticated, which Samba and fsrvpd with `rpc.min_auth_level: none` accept over an
+    authenticated SMB session.
     `timeout` bounds every SMB wait, so it must outlast the longest Commit or Prepare expected.
     """
 
     def __init__(self, host: str, port: int = 445, username: str = "", password: str = "", domain: str = "",
                  nthash: str = "", server_name: str | None = None, *, timeout: float = 300.0,
-                 rpc_auth_level: int | None = None) -> None:
+                 rpc_auth_level: int | None = rpcrt.RPC_C_AUTHN_LEVEL_PKT_PRIVACY) -> None:
         self.host = host
         self.port = port
         self.server_name = server_name or host

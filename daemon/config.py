@@ -15,6 +15,7 @@ import re
 import yaml
 
 from .backends.lvm import DEFAULT_SNAPSHOT_SIZE, SnapshotSize
+from .rpcauth import AuthLevel
 
 DEFAULT_STATE_DIR = "/var/lib/fsrvpd"
 DEFAULT_ADMIN_SOCKET = "/run/fsrvpd/admin.sock"  # systemd's RuntimeDirectory=fsrvpd
@@ -28,6 +29,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 SHARE_NAME = re.compile(r"^[^\x00-\x1f\"\\/\[\]:|<>+=;,*?@{}]{1,80}$")
 NETBIOS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,14}$")
 NT_HASH = re.compile(r"^[0-9a-fA-F]{32}$")
+# rpc.min_auth_level: `none` serves unauthenticated binds as Samba does; MS-FSRVP 3.1.4 asks for
+# packet integrity or privacy.
+MIN_AUTH_LEVELS = {"none": AuthLevel.NONE, "integrity": AuthLevel.PKT_INTEGRITY, "privacy": AuthLevel.PKT_PRIVACY}
 
 
 class ConfigError(Exception):
@@ -47,6 +51,18 @@ class ShareConfig:
     store: str | None  # explicit dataset/volume; None = detect from the path
     comment: str
     snapshot_size: SnapshotSize | None = None  # classic (thick) LVM volumes only
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one client may take of the daemon; each has a safe default (see etc/fsrvpd.example.yaml)."""
+
+    max_shares_per_set: int = 64  # as Windows
+    max_fragment_bytes: int = 4280  # largest DCE/RPC fragment received or sent (SMB pipes use 4280)
+    max_request_bytes: int = 65536  # largest reassembled request; FSRVP's largest is a few KiB
+    max_string_chars: int = 1024  # longest NDR string (a UNC path), in UTF-16 units with the NUL
+    max_connections_per_client: int = 16  # open SMB connections and FSRVP pipes per client address
+    max_calls_per_second: float = 50  # per client address, with bursts of as many calls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +89,8 @@ class Config:
     metrics_port: int | None  # None: no metrics endpoint
     admin_socket: str
     allowed: tuple[str, ...] = ()  # SIDs and account names allowed to change state, besides the built-in groups
+    min_auth_level: AuthLevel = AuthLevel.PKT_INTEGRITY
+    limits: Limits = Limits()
 
     def share(self, name: str) -> ShareConfig | None:
         """SMB share names are case-insensitive."""
@@ -285,6 +303,18 @@ def parse(text: str, source: str = "<config>") -> Config:
     allowed = authorization.text_list("allow")
     authorization.finish()
 
+    rpc = top.section("rpc")
+    min_auth_level = MIN_AUTH_LEVELS[rpc.choice("min_auth_level", tuple(MIN_AUTH_LEVELS),
+                                                "none" if samba else "integrity")]
+    if samba and min_auth_level != AuthLevel.NONE:
+        # The bind's NTLM would have to be checked against Samba's accounts (winbind), which fsrvpd
+        # cannot do yet; smbd authenticates the session and authorization checks its SIDs.
+        raise rpc.error("min_auth_level", "RPC-level authentication is not available behind Samba yet; "
+                                          "leave it out (none)")
+    rpc.finish()
+
+    limits = _limits(top.section("limits"))
+
     logging_section = top.section("logging")
     log_level = logging_section.choice("level", LOG_LEVELS, "info")
     logging_section.finish()
@@ -305,7 +335,26 @@ def parse(text: str, source: str = "<config>") -> Config:
                   sequence_timeout=sequence_timeout, sequence_timeout_long=sequence_timeout_long,
                   sweep_interval=sweep_interval, command_timeout=command_timeout, shares=shares,
                   log_level=log_level, metrics_listen=metrics_listen, metrics_port=metrics_port,
-                  admin_socket=admin_socket, allowed=allowed)
+                  admin_socket=admin_socket, allowed=allowed, min_auth_level=min_auth_level, limits=limits)
+
+
+def _limits(section: _Section) -> Limits:
+    default = Limits()
+    limits = Limits(
+        max_shares_per_set=int(section.number("max_shares_per_set", default.max_shares_per_set, 1, 512,
+                                              integer=True)),
+        max_fragment_bytes=int(section.number("max_fragment_bytes", default.max_fragment_bytes, 1432, 65535,
+                                              integer=True)),
+        max_request_bytes=int(section.number("max_request_bytes", default.max_request_bytes, 4096, 16 << 20,
+                                             integer=True)),
+        max_string_chars=int(section.number("max_string_chars", default.max_string_chars, 260, 32768,
+                                            integer=True)),
+        max_connections_per_client=int(section.number("max_connections_per_client",
+                                                      default.max_connections_per_client, 1, 4096, integer=True)),
+        max_calls_per_second=section.number("max_calls_per_second", default.max_calls_per_second, 0.1, 100000),
+    )
+    section.finish()
+    return limits
 
 
 def load(path: str) -> Config:

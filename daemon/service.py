@@ -40,7 +40,10 @@ def copy_ref(scs: ShadowCopySet, copy: ShadowCopy) -> ShadowCopyRef:
 
 
 def _who(caller: Caller) -> str:
-    return f"{caller.domain}\\{caller.user}@{caller.address}"
+    """The RPC-authenticated principal if there is one, else the SMB session's user, and the address."""
+    principal = caller.rpc_principal
+    user, domain = (principal.user, principal.domain) if principal else (caller.user, caller.domain)
+    return f"{domain}\\{user}@{caller.address}"
 
 
 class FsrvpService:
@@ -86,6 +89,7 @@ class FsrvpService:
         self.config = config
         self.host_names = config.own_host_names() | self.extra_host_names
         self.machine.set_timeouts(config.sequence_timeout, config.sequence_timeout_long)
+        self.machine.max_shares_per_set = config.limits.max_shares_per_set
 
     async def start(self) -> None:
         """Reload the durable state, undo what a crash interrupted, republish exposures, sweep."""

@@ -20,7 +20,7 @@ The rules, after MS-FSRVP 3.1.1-3.1.5 (what we add is marked *):
   a failed Commit/Expose restarts it SHORT.  When it fires, every set that is not Recovered is
   deleted -- with its snapshots and shares* (Samba leaves them behind) -- and ContextSet clears.
 * One shadow copy per file store per set (FSRVP_E_OBJECT_ALREADY_EXISTS, timer SHORT); at most
-  MAX_SHARES_PER_SET copies* (E_INVALIDARG).
+  max_shares_per_set copies* (E_INVALIDARG; MAX_SHARES_PER_SET, 64 as in Windows, by default).
 * Commit and Expose are two-phase (`begin_*`, then `end_*`) because storage work happens in
   between, outside this module.  A failed commit is undone and the set goes back to Added*.
 
@@ -185,8 +185,9 @@ class ShadowCopyMachine:
     """All shadow copy sets, the server-wide context and the sequence timer; see the module rules."""
 
     def __init__(self, short_timeout: float = 180.0, long_timeout: float = 1800.0,
-                 new_id: Callable[[], uuid.UUID] = uuid.uuid4):
+                 new_id: Callable[[], uuid.UUID] = uuid.uuid4, max_shares_per_set: int = MAX_SHARES_PER_SET):
         self.set_timeouts(short_timeout, long_timeout)
+        self.max_shares_per_set = max_shares_per_set  # a reload may change it, for the next Add
         self.new_id = new_id
         self.sets: dict[uuid.UUID, ShadowCopySet] = {}
         self.context_set = False
@@ -278,8 +279,9 @@ class ShadowCopyMachine:
         if any(c.store["name"] == store["name"] and c.store["backend"] == store["backend"] for c in scs.copies):
             self._timer(Timer.SHORT, now)
             raise Refused(HResult.FSRVP_E_OBJECT_ALREADY_EXISTS, f"{store['name']} already has a copy in this set")
-        if len(scs.copies) >= MAX_SHARES_PER_SET:
-            raise Refused(HResult.E_INVALIDARG, f"a set holds at most {MAX_SHARES_PER_SET} shares")
+        if len(scs.copies) >= self.max_shares_per_set:
+            raise Refused(HResult.E_INVALIDARG, f"a set holds at most {self.max_shares_per_set} shares "
+                                                f"(limits.max_shares_per_set)")
         copy = ShadowCopy(copy_id=self.new_id(), client_copy_id=client_copy_id, share=share, unc=unc, store=store)
         scs.copies.append(copy)
         self._apply(scs, "add", now)

@@ -30,16 +30,17 @@ class StateStore:
 
     def __init__(self, state_dir: str):
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        os.chmod(state_dir, 0o700)  # also when an admin created it wider: it names every set and share
         self.path = os.path.join(state_dir, "state.sqlite3")
-        old_umask = os.umask(0o077)
+        old_umask = os.umask(0o077)  # the database and its -wal and -shm files, created below
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
         finally:
             os.umask(old_umask)
         self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
 
     def save(self, sets: list[dict] = (), deleted: list[str] = (), settings: dict | None = None) -> None:
         """Write changed sets, drop deleted ones and update settings in one transaction."""

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from impacket.smbconnection import SMBConnection
 
 from fsrvpd.cli import nt_hash
 from fsrvpd.client import FsrvpClient
+from fsrvpd.constants import PIPE_NAME
 from tests.support.zfs import FilePool
 
 USER = PASSWORD = "backup"
@@ -31,7 +33,7 @@ STOP_SECONDS = 30.0
 CLEANUP_SECONDS = 60.0
 PEER_PACKAGES = {"rpcclient": "samba-common-bin", "smbclient": "smbclient"}
 
-__all__ = ["FsrvpDaemon", "daemon", "samba_clients", "free_port", "USER", "PASSWORD", "NETBIOS_NAME"]
+__all__ = ["FsrvpDaemon", "RawPipe", "daemon", "samba_clients", "free_port", "USER", "PASSWORD", "NETBIOS_NAME"]
 
 
 def free_port() -> int:
@@ -78,6 +80,7 @@ class FsrvpDaemon:
         }
         self.process: subprocess.Popen | None = None
         self.env: dict[str, str] = {}  # added to the daemon's environment
+        self.config_mode = 0o600  # the configuration holds NT hashes
         self.wrapper: list[str] = []  # a command that runs the daemon's command line given as its arguments
 
     def create_share(self, name: str) -> dict:
@@ -88,6 +91,7 @@ class FsrvpDaemon:
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> FsrvpDaemon:
         self.config_path.write_text(yaml.safe_dump(self.config))
+        self.config_path.chmod(self.config_mode)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen([*self.wrapper, sys.executable, "-m", "fsrvpd", "run", "-c",
                                          str(self.config_path)], stdout=log, stderr=subprocess.STDOUT,
@@ -113,6 +117,12 @@ class FsrvpDaemon:
         finally:
             self.process = None
 
+    def __enter__(self) -> FsrvpDaemon:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
     def restart(self) -> FsrvpDaemon:
         self.stop()
         return self.start()
@@ -129,9 +139,11 @@ class FsrvpDaemon:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     # -- peers --------------------------------------------------------------------------------
-    def rpcclient(self, *commands: str, binding: str = "127.0.0.1") -> str:
-        """Samba's rpcclient; it exits 0 even when a call fails, so callers check its output."""
-        proc = subprocess.run(["rpcclient", "-p", str(self.port), "-U", f"{USER}%{PASSWORD}", binding,
+    def rpcclient(self, *commands: str, binding: str = "ncacn_np:127.0.0.1[sign]", user: str = USER,
+                  password: str = PASSWORD, options: tuple[str, ...] = ()) -> str:
+        """Samba's rpcclient, NTLM-signing its RPC calls by default (the daemon's default minimum
+        level); it exits 0 even when a call fails, so callers check its output."""
+        proc = subprocess.run(["rpcclient", "-p", str(self.port), "-U", f"{user}%{password}", *options, binding,
                                "-c", "; ".join(commands)], capture_output=True, text=True, timeout=120)
         return proc.stdout + proc.stderr
 
@@ -151,6 +163,31 @@ class FsrvpDaemon:
                              timeout=60, **kwargs)
         client.connect()
         return client
+
+
+class RawPipe:
+    """An FssagentRpc pipe opened over impacket's SMB client, for bytes no RPC client would send."""
+
+    def __init__(self, port: int, smb: SMBConnection | None = None) -> None:
+        if smb is None:
+            smb = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=port)
+            smb.login(USER, PASSWORD)
+        self.smb = smb
+        self.tree = smb.connectTree("IPC$")
+        self.file = smb.openFile(self.tree, "\\" + PIPE_NAME)
+
+    def write(self, data: bytes) -> None:
+        self.smb.writeFile(self.tree, self.file, data)
+
+    def answers(self, limit: int = 3) -> list[bytes]:
+        """What comes back, up to `limit` reads or until the daemon closes the pipe."""
+        answers = []
+        try:
+            while len(answers) < limit and (answer := self.smb.readFile(self.tree, self.file)):
+                answers.append(answer)
+        except Exception:  # the pipe is gone: the daemon closed it
+            pass
+        return answers
 
 
 def ours_on_storage(pool: FilePool) -> list[str]:
