@@ -41,7 +41,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
-from fsrvpd.backends.base import Backend, BackendError, FileStore, NotSupported, OwnedObject, ShadowCopyRef
+from fsrvpd.backends.base import SNAPSHOT, Backend, BackendError, FileStore, NotSupported, OwnedObject, ShadowCopyRef
 from fsrvpd.runner import CommandFailed, CommandRunner
 
 log = logging.getLogger("fsrvpd.backends.zfs")
@@ -192,11 +192,11 @@ def common_ancestor(datasets: Iterable[str]) -> str:
 
 @contextlib.contextmanager
 def _failing_as(action: str) -> Iterator[None]:
-    """Report a zfs failure to the daemon as BackendError, keeping its out-of-space flag."""
+    """Report a zfs failure to the daemon as BackendError, keeping its out-of-space and missing flags."""
     try:
         yield
     except ZfsError as exc:
-        raise BackendError(f"{action}: {exc}", out_of_space=exc.out_of_space) from exc
+        raise BackendError(f"{action}: {exc}", out_of_space=exc.out_of_space, missing=exc.missing) from exc
 
 
 class ZfsBackend(Backend):
@@ -280,7 +280,8 @@ class ZfsBackend(Backend):
         except ZfsError as exc:
             for (_, set_id), members in groups.items():
                 self._discard_snapshots(set_id, [copy.store.name for copy in members])
-            raise BackendError(f"taking the snapshots failed: {exc}", out_of_space=exc.out_of_space) from exc
+            raise BackendError(f"taking the snapshots failed: {exc}", out_of_space=exc.out_of_space,
+                               missing=exc.missing) from exc
 
     def _snapshots_directly(self, datasets: list[str]) -> bool:
         """Whether one call can name every dataset, or (zfs-fuse) must recurse from their ancestor."""
@@ -321,7 +322,7 @@ class ZfsBackend(Backend):
                     self.zfs.mount(clone)
                 return found[clone]["mountpoint"]
             if snapshot not in found:
-                raise BackendError(f"snapshot {snapshot} does not exist")
+                raise BackendError(f"snapshot {snapshot} does not exist", missing=True)
             _require_ours(snapshot, found[snapshot], copy.set_id, copy.copy_id)
             mountpoint = os.path.join(self.mount_root, str(copy.copy_id))
             os.makedirs(self.mount_root, exist_ok=True)
@@ -369,8 +370,8 @@ class ZfsBackend(Backend):
             except (KeyError, ValueError):
                 log.warning("%s carries malformed fsrvpd tags %s; leaving it alone", name, tags)
                 continue
-            objects.append(OwnedObject("snapshot" if "@" in name else "clone", name, set_id, copy_id))
-        return sorted(objects, key=lambda obj: (obj.kind == "snapshot", obj.name))
+            objects.append(OwnedObject(SNAPSHOT if "@" in name else "clone", name, set_id, copy_id))
+        return sorted(objects, key=lambda obj: (obj.kind == SNAPSHOT, obj.name))
 
     def remove_owned(self, obj: OwnedObject) -> None:
         with _failing_as(f"removing {obj.kind} {obj.name}"):

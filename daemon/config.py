@@ -14,6 +14,8 @@ import re
 
 import yaml
 
+from .retention import RetentionPolicy
+
 DEFAULT_STATE_DIR = "/var/lib/fsrvpd"
 BACKENDS = ("zfs",)
 FRONT_DOORS = ("embedded",)
@@ -40,6 +42,7 @@ class ShareConfig:
     backend: str
     store: str | None  # explicit dataset/volume; None = detect from the path
     comment: str
+    retention: RetentionPolicy | None = None  # keep completed backups' snapshots after DeleteShareMapping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +60,8 @@ class Config:
     mount_root: str
     sequence_timeout: float
     sequence_timeout_long: float
+    exposure_ttl: float  # non-persistent sets still exposed after this long are reaped; 0: never
+    reconcile_interval: float
     command_timeout: float
     shares: dict[str, ShareConfig]  # keyed by casefolded share name
     log_level: str
@@ -224,6 +229,8 @@ def parse(text: str, source: str = "<config>") -> Config:
     timers = top.section("timers")
     sequence_timeout = timers.number("sequence_seconds", 180, 1, 86400)
     sequence_timeout_long = timers.number("sequence_long_seconds", 1800, 1, 86400)
+    exposure_ttl = timers.number("exposure_ttl_seconds", 86400, 0, 10 * 365 * 86400)
+    reconcile_interval = timers.number("reconcile_seconds", 60, 1, 86400)
     timers.finish()
 
     storage = top.section("storage")
@@ -243,6 +250,7 @@ def parse(text: str, source: str = "<config>") -> Config:
             backend=backend,
             store=share.text("dataset"),
             comment=share.text("comment", ""),
+            retention=_retention(share),
         )
         share.finish()
 
@@ -254,7 +262,20 @@ def parse(text: str, source: str = "<config>") -> Config:
     return Config(source=source, netbios_name=netbios_name, fqdn=fqdn, aliases=aliases, front_door=mode,
                   listen=listen, port=port, domain=domain, users=users, state_dir=state_dir, mount_root=mount_root,
                   sequence_timeout=sequence_timeout, sequence_timeout_long=sequence_timeout_long,
-                  command_timeout=command_timeout, shares=shares, log_level=log_level)
+                  exposure_ttl=exposure_ttl, reconcile_interval=reconcile_interval, command_timeout=command_timeout, shares=shares, log_level=log_level)
+
+
+def _retention(share: _Section) -> RetentionPolicy | None:
+    """`retention:` with keep_last, keep_days or both; absent: nothing is kept after DeleteShareMapping."""
+    if "retention" not in share.items:
+        return None
+    section = share.section("retention")
+    keep_last = section.number("keep_last", None, 1, 1_000_000, integer=True)
+    keep_days = section.number("keep_days", None, 0.001, 36500)
+    section.finish()
+    if keep_last is None and keep_days is None:
+        raise share.error("retention", "needs keep_last, keep_days or both")
+    return RetentionPolicy(keep_last=None if keep_last is None else int(keep_last), keep_days=keep_days)
 
 
 def load(path: str) -> Config:
