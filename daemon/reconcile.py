@@ -8,7 +8,10 @@ half-done was left by a crash (or an unexpected error).  In this order:
    commit is undone (the set is Added again, as after a failed commit); a Committed set with
    share names recorded was being exposed -- the exposure is withdrawn (it stays Committed).
    The client never got an answer and can retry either.
-2. Storage, per backend, both ways (objects are matched by their set and copy tags):
+2. Storage, per backend, both ways (objects are matched by their set and copy tags).  Only
+   objects of sets this daemon recorded count -- live sets, copies being removed (store.py),
+   retained copies; objects tagged with any other set belong to another fsrvpd instance (tests
+   run many on one host) or a lost state database, and are left alone:
    - an object nothing in the state wants -- no set holds that copy's snapshot, the copy is not
      exposed, retention does not keep it -- is an orphan and is removed;
    - a copy whose snapshot is gone (its dataset destroyed behind our back) is lost: it is
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 from .backends.base import SNAPSHOT, Backend, BackendError, OwnedObject, ShadowCopyRef
 from .crashpoints import crash_point
@@ -74,6 +78,13 @@ class Reconciliation:
             self._persist(scs)
 
     async def _reconcile_storage(self, name: str, backend: Backend, owned: list[OwnedObject], starting: bool) -> None:
+        known = (set(self.machine.sets) | {uuid.UUID(body["set_id"]) for body in self.removing.values()}
+                 | {copy.set_id for copy in self.retained.values()})
+        foreign = [obj for obj in owned if obj.set_id not in known]
+        if foreign and starting:
+            log.info("left alone %d %s object(s) tagged with sets this fsrvpd never recorded (another fsrvpd "
+                     "instance's, or from a lost state database), e.g. %s", len(foreign), name, foreign[0].name)
+        owned = [obj for obj in owned if obj.set_id in known]
         snapshots = {(obj.set_id, obj.copy_id) for obj in owned if obj.kind == SNAPSHOT}
         exposures = {(obj.set_id, obj.copy_id) for obj in owned if obj.kind != SNAPSHOT}
         live = [(scs, copy) for scs in list(self.machine.sets.values()) if scs.status in HOLDS_SNAPSHOTS
@@ -82,9 +93,13 @@ class Reconciliation:
         wanted_snapshots = {(scs.set_id, copy.copy_id) for scs, copy in live} | {(r.set_id, r.copy_id) for r in kept}
         wanted_exposures = ({(scs.set_id, copy.copy_id) for scs, copy in live if copy.exposed_path}
                             | {(r.set_id, r.copy_id) for r in kept if r.keeps_exposure})
+        left = set()
         for obj in owned:
-            if (obj.set_id, obj.copy_id) not in (wanted_snapshots if obj.kind == SNAPSHOT else wanted_exposures):
-                await self._remove_orphan(backend, obj)
+            wanted = wanted_snapshots if obj.kind == SNAPSHOT else wanted_exposures
+            if (obj.set_id, obj.copy_id) in wanted or not await self._remove_orphan(backend, obj):
+                left.add((obj.set_id, obj.copy_id))
+        self._removed([copy_id for copy_id, body in list(self.removing.items()) if body["store"]["backend"] == name
+                       and (uuid.UUID(body["set_id"]), copy_id) not in left])
         for scs, copy in live:
             key = (scs.set_id, copy.copy_id)
             if key not in snapshots:
@@ -107,7 +122,7 @@ class Reconciliation:
                 self.counters["copies_lost"] += 1
                 await self._unretain([retained])
 
-    async def _remove_orphan(self, backend: Backend, obj: OwnedObject) -> None:
+    async def _remove_orphan(self, backend: Backend, obj: OwnedObject) -> bool:
         log.warning("removing orphaned %s %s (set %s%s): nothing in fsrvpd's state owns it", obj.kind, obj.name,
                     obj.set_id, f", copy {obj.copy_id}" if obj.copy_id else "")
         crash_point("reconcile.repair")
@@ -115,15 +130,16 @@ class Reconciliation:
             await asyncio.to_thread(backend.remove_owned, obj)
         except BackendError as exc:
             log.error("cannot remove orphaned %s %s yet: %s", obj.kind, obj.name, exc)
-            return
+            return False
         self.counters["orphans_removed"] += 1
+        return True
 
     async def _lose(self, scs: ShadowCopySet, copy: ShadowCopy, why: str) -> None:
         """Forget a copy whose storage is gone; the set goes with its last copy."""
         log.error("set %s: copy %s of share %s is lost, %s; forgetting it", scs.set_id, copy.copy_id, copy.share, why)
         self.counters["copies_lost"] += 1
         self.machine.forget_copy(scs.set_id, copy.copy_id)
-        self._persist_set(scs)
+        self._persist_set(scs, removed=[(scs, copy)])
         await self._destroy(scs, [copy])
 
     async def _expose_again(self, backend: Backend, scs: ShadowCopySet, copy: ShadowCopy) -> None:

@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable, Sequence
 
 from . import messages as m
 from .backends.base import Backend, BackendError, FileStore, NotSupported, ShadowCopyRef
@@ -34,7 +34,7 @@ from .crashpoints import crash_point
 from .reconcile import Reconciliation
 from .retention import RetainedCopy, RetentionPolicy, retained_copy, to_prune
 from .state import Refused, ShadowCopy, ShadowCopyMachine, ShadowCopySet
-from .store import StateStore
+from .store import REMOVING, RETAINED, SETS, StateStore
 from .transports.base import Caller, FrontDoor, ShareSpec
 from .unc import BadUnc, parse_unc
 
@@ -64,6 +64,7 @@ class FsrvpService(Reconciliation):
         self.host_names = config.own_host_names() | {name.casefold() for name in extra_host_names}
         self.machine = ShadowCopyMachine(config.sequence_timeout, config.sequence_timeout_long)
         self.retained: dict[uuid.UUID, RetainedCopy] = {}
+        self.removing: dict[uuid.UUID, dict] = {}  # copy id -> its removal record (see _persist)
         self.lock = asyncio.Lock()
         self.counters: collections.Counter[str] = collections.Counter()  # see the module docstring
         self._jobs: set[asyncio.Task] = set()  # storage work answered late, still holding the lock
@@ -86,8 +87,9 @@ class FsrvpService(Reconciliation):
     # -- life cycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         """Reload the durable state, fire overdue timers, then reconcile (see reconcile.py)."""
-        self.machine.restore(self.store.load_sets(), self.store.load_setting(GLOBALS_KEY))
-        self.retained = {r.copy_id: r for r in map(RetainedCopy.from_dict, self.store.load_retained())}
+        self.machine.restore(self.store.load(SETS), self.store.load_setting(GLOBALS_KEY))
+        self.retained = {r.copy_id: r for r in map(RetainedCopy.from_dict, self.store.load(RETAINED))}
+        self.removing = {uuid.UUID(body["copy_id"]): body for body in self.store.load(REMOVING)}
         log.info("state reloaded: %d shadow copy set(s), %d retained cop%s", len(self.machine.sets),
                  len(self.retained), "y" if len(self.retained) == 1 else "ies")
         await self.tick()
@@ -135,12 +137,29 @@ class FsrvpService(Reconciliation):
             log.info("%s from %s refused: %s", type(request).__name__.removesuffix("Request"), _who(caller), refused)
             return m.failure_response(request, int(refused.result))
 
-    def _persist(self, *changed: ShadowCopySet, deleted: list[ShadowCopySet] = (),
-                 retained: list[RetainedCopy] = (), unretained: list[RetainedCopy] = ()) -> None:
-        """Write the changed sets, retained copies and the server-wide context in one transaction."""
-        self.store.save([scs.to_dict() for scs in changed], [str(scs.set_id) for scs in deleted],
-                        {GLOBALS_KEY: self.machine.globals_record()},
-                        [r.to_dict() for r in retained], [str(r.copy_id) for r in unretained])
+    def _persist(self, *changed: ShadowCopySet, deleted: Sequence[ShadowCopySet] = (),
+                 removed: Sequence[tuple[ShadowCopySet, ShadowCopy]] = (), retained: Sequence[RetainedCopy] = (),
+                 unretained: Sequence[RetainedCopy] = ()) -> None:
+        """Write changed and deleted sets, retained copies and the server-wide context in one transaction.
+
+        Every copy that leaves the state -- those of deleted sets, `removed` ones, `unretained`
+        ones -- is recorded as being removed until its storage is confirmed gone (`_removed`), so
+        reconciliation knows what it may delete.
+        """
+        leaving = ([_removal(scs.set_id, copy) for scs in deleted for copy in scs.copies]
+                   + [_removal(scs.set_id, copy) for scs, copy in removed]
+                   + [_removal(copy.set_id, copy) for copy in unretained])
+        self.store.save({SETS: [scs.to_dict() for scs in changed], RETAINED: [r.to_dict() for r in retained],
+                         REMOVING: leaving},
+                        {SETS: [str(scs.set_id) for scs in deleted], RETAINED: [str(r.copy_id) for r in unretained]},
+                        {GLOBALS_KEY: self.machine.globals_record()})
+        self.removing.update((uuid.UUID(body["copy_id"]), body) for body in leaving)
+
+    def _removed(self, copy_ids: Iterable[uuid.UUID]) -> None:
+        """The storage of these copies is confirmed gone: forget that they were being removed."""
+        done = [copy_id for copy_id in copy_ids if self.removing.pop(copy_id, None) is not None]
+        if done:
+            self.store.save(delete={REMOVING: [str(copy_id) for copy_id in done]})
 
     def _persist_set(self, scs: ShadowCopySet, **retention) -> None:
         """Write a set that may have lost its last copy (then it is deleted)."""
@@ -404,7 +423,7 @@ class FsrvpService(Reconciliation):
         async with self.lock:
             scs, copy = self.machine.delete_mapping(request.set_id, request.copy_id, share.name, self.clock())
             kept = retained_copy(scs, copy, self.clock()) if share.retention else None
-            self._persist_set(scs, retained=[kept] if kept else [])
+            self._persist_set(scs, removed=[] if kept else [(scs, copy)], retained=[kept] if kept else [])
             crash_point("delete.intent")
             if copy.exposed_name:
                 await self.front_door.unpublish_share(copy.exposed_name)
@@ -483,6 +502,7 @@ class FsrvpService(Reconciliation):
 
     async def _remove_refs(self, refs: list[ShadowCopyRef], exposures_only: bool = False) -> None:
         """Storage that cannot go now (busy) carries our tags: reconciliation removes it later."""
+        gone = []
         for ref in refs:
             backend = self.backends[ref.store.backend]
             remove = backend.remove_exposure if exposures_only else backend.remove
@@ -490,6 +510,10 @@ class FsrvpService(Reconciliation):
                 await asyncio.to_thread(remove, ref)
             except BackendError as exc:
                 log.error("could not remove storage of copy %s yet (reconciliation retries): %s", ref.copy_id, exc)
+            else:
+                gone.append(ref.copy_id)
+        if not exposures_only:
+            self._removed(gone)
 
 
 class _Deadline:
@@ -515,6 +539,11 @@ class _Deadline:
             await asyncio.wait_for(self._reported.wait(), self.seconds)
         self.late = not self._reported.is_set()
         return not self.late
+
+
+def _removal(set_id: uuid.UUID, copy: ShadowCopy | RetainedCopy) -> dict:
+    """The record of a copy being removed: enough to know its objects on storage as ours."""
+    return {"copy_id": str(copy.copy_id), "set_id": str(set_id), "store": copy.store}
 
 
 def _failure_result(exc: BackendError) -> HResult:

@@ -8,10 +8,12 @@ test on a fresh pool, with shares `vms` and `sql`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -72,6 +74,7 @@ class FsrvpDaemon:
             "shares": {share: {"path": path, "backend": "zfs"} for share, path in self.paths.items()},
             "logging": {"level": "debug"},
         }
+        self.env: dict[str, str] = {}  # extra environment, e.g. FSRVPD_CRASH_AT or a PATH with wrappers
         self.process: subprocess.Popen | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -79,7 +82,8 @@ class FsrvpDaemon:
         self.config_path.write_text(yaml.safe_dump(self.config))
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen([sys.executable, "-m", "fsrvpd", "run", "-c", str(self.config_path)],
-                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env={**os.environ, **self.env})
         log.close()
         deadline = time.monotonic() + START_SECONDS
         while not self._listening():
@@ -98,6 +102,13 @@ class FsrvpDaemon:
         except subprocess.TimeoutExpired:
             self.process.kill()
             raise
+        finally:
+            self.process = None
+
+    def wait_for_exit(self, timeout: float = STOP_SECONDS) -> int:
+        """Wait for a daemon that is dying on its own (e.g. at a crash point); its exit status."""
+        try:
+            return self.process.wait(timeout=timeout)
         finally:
             self.process = None
 
@@ -128,12 +139,30 @@ class FsrvpDaemon:
                                f"//127.0.0.1/{share}", "-c", command], capture_output=True, text=True, timeout=120)
         return proc.stdout + proc.stderr
 
-    def client(self, **kwargs) -> FsrvpClient:
-        """Our own client, connected; host names in UNCs are the NetBIOS name unless told otherwise."""
-        client = FsrvpClient("127.0.0.1", self.port, USER, PASSWORD, server_name=kwargs.pop("server_name", NETBIOS_NAME),
-                             timeout=60, **kwargs)
+    def client(self, port: int | None = None, **kwargs) -> FsrvpClient:
+        """Our own client, connected (to `port`, e.g. a relay's, or the daemon's); host names in UNCs are
+        the NetBIOS name unless told otherwise."""
+        client = FsrvpClient("127.0.0.1", port or self.port, USER, PASSWORD,
+                             server_name=kwargs.pop("server_name", NETBIOS_NAME), timeout=60, **kwargs)
         client.connect()
         return client
+
+
+    # -- what the daemon holds ---------------------------------------------------------------
+    def state(self) -> tuple[list[dict], list[dict]]:
+        """The shadow copy sets and retained copies in the daemon's durable state, as stored."""
+        with sqlite3.connect(Path(self.config["state_dir"]) / "state.sqlite3") as db:
+            return tuple([json.loads(body) for (body,) in db.execute(f"SELECT body FROM {table}")]
+                         for table in ("shadow_copy_sets", "retained_copies"))
+
+    def published_shares(self) -> set[str]:
+        """The disk shares the daemon's SMB server lists (srvsvc NetShareEnum, through smbclient -L)."""
+        proc = subprocess.run(["smbclient", "-g", "-L", "//127.0.0.1", "-p", str(self.port), "-U",
+                               f"{USER}%{PASSWORD}"], capture_output=True, text=True, timeout=120)
+        shares = {line.split("|")[1] for line in proc.stdout.splitlines() if line.startswith("Disk|")}
+        if not shares:
+            raise RuntimeError(f"smbclient -L listed no shares:\n{proc.stdout}{proc.stderr}")
+        return shares
 
 
 def ours_on_storage(pool: FilePool) -> list[str]:
