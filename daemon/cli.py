@@ -8,10 +8,15 @@ import getpass
 import logging
 import signal
 import sys
+import time
+from typing import TYPE_CHECKING, Callable
 
 from . import __version__
 from .config import Config, ConfigError, load
 from .hostnames import host_names_and_addresses
+
+if TYPE_CHECKING:
+    from .service import FsrvpService
 
 DEFAULT_CONFIG = "/etc/fsrvpd/fsrvpd.yaml"
 EXIT_CONFIG = 2
@@ -26,8 +31,9 @@ def nt_hash(password: str) -> str:
     return compute_nthash(password).hex()
 
 
-async def serve(config: Config) -> None:
-    """Build the daemon from its parts, serve until SIGINT/SIGTERM, then stop cleanly."""
+async def start_daemon(config: Config, clock: Callable[[], float] = time.time) -> FsrvpService:
+    """Build the daemon from its parts and open it: state reloaded and reconciled, shares published,
+    front door serving (`service.front_door`, `service.store` are the parts to close)."""
     from .backends.zfs import ZfsBackend
     from .rpcserver import serve_pipe
     from .runner import CommandRunner
@@ -40,11 +46,18 @@ async def serve(config: Config) -> None:
     backends = {"zfs": ZfsBackend(runner, config.mount_root, config.command_timeout)}
     front_door = EmbeddedFrontDoor(config.listen, config.port, config.users, config.netbios_name, config.domain)
     store = StateStore(config.state_dir)
-    service = FsrvpService(config, store, backends, front_door, extra_host_names=host_names_and_addresses())
+    service = FsrvpService(config, store, backends, front_door, clock=clock,
+                           extra_host_names=host_names_and_addresses())
     await service.start()
     for share in config.shares.values():
         await front_door.publish_share(ShareSpec(share.name, share.path, read_only=False, comment=share.comment))
     await front_door.start(lambda reader, writer, caller: serve_pipe(service, reader, writer, caller))
+    return service
+
+
+async def serve(config: Config) -> None:
+    """Run the daemon until SIGINT/SIGTERM, then stop cleanly."""
+    service = await start_daemon(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -56,8 +69,8 @@ async def serve(config: Config) -> None:
     log.info("stopping")
     timers.cancel()
     async with service.lock:  # let a call in flight finish its storage work
-        await front_door.stop()
-    store.close()
+        await service.front_door.stop()
+    service.store.close()
 
 
 def main(argv: list[str] | None = None) -> int:

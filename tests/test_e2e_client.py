@@ -18,7 +18,7 @@ from impacket.smbconnection import SMBConnection
 
 from fsrvpd import messages as m
 from fsrvpd.client import FsrvpError, RpcFault
-from fsrvpd.constants import ATTR_AUTO_RECOVERY, HResult, PIPE_NAME
+from fsrvpd.constants import ATTR_AUTO_RECOVERY, Context, HResult, PIPE_NAME
 from fsrvpd.dcerpc import NCA_S_FAULT_NDR, NCA_S_OP_RNG_ERROR
 from tests.support.daemon import NETBIOS_NAME, PASSWORD, USER, FsrvpDaemon, ours_on_storage
 
@@ -211,11 +211,13 @@ def test_restarted_daemon_reloads_its_sets_and_republishes_their_shares(daemon, 
     assert ours_on_storage(daemon.pool) == []
 
 
-def test_sequence_timer_removes_an_abandoned_set_with_its_snapshots(zfs_pool, tmp_path, samba_clients):
+@pytest.mark.parametrize("context", [Context.BACKUP, Context.NAS_ROLLBACK], ids=["backup", "persistent"])
+def test_sequence_timer_removes_an_abandoned_set_with_its_snapshots(zfs_pool, tmp_path, samba_clients, context):
+    """A persistent context does not save a set that was never recovered (MS-FSRVP 3.1.5)."""
     daemon = FsrvpDaemon(zfs_pool, tmp_path, shares=("vms",), sequence_seconds=2, sequence_long_seconds=4).start()
     try:
         with daemon.client() as client:
-            set_id, (copy_id,) = exposed_set(client, "vms")
+            set_id, (copy_id,) = exposed_set(client, "vms", context=context)
             assert ours_on_storage(zfs_pool)
             deadline = time.monotonic() + 30
             while ours_on_storage(zfs_pool) and time.monotonic() < deadline:
