@@ -8,6 +8,9 @@ The long version of the kill matrix is bench/kill_matrix.py.
 
 from __future__ import annotations
 
+import pathlib
+import subprocess
+import sys
 import threading
 import uuid
 
@@ -183,3 +186,13 @@ def test_stray_objects_of_our_sets_are_removed_and_other_instances_objects_kept(
     zfs("destroy", foreign)
     zfs("destroy", look_alike)
     assert problems(daemon) == []
+
+
+def test_soak_script_runs_concurrent_clients_from_several_addresses_without_errors_or_leaks(zfs_daemon,
+                                                                                            samba_clients):
+    """bench/soak.py in miniature: three clients, three addresses, a few seconds (no RSS verdict here)."""
+    soak = subprocess.run([sys.executable, "bench/soak.py", "--clients", "3", "--seconds", "6", "--sample-seconds",
+                           "1", "--no-rss-check"], capture_output=True, text=True, timeout=300,
+                          cwd=pathlib.Path(__file__).resolve().parent.parent)
+    assert soak.returncode == 0, soak.stdout + soak.stderr
+    assert "errors 0, leaked objects 0" in soak.stdout
