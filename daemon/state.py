@@ -33,7 +33,8 @@ The rules, after MS-FSRVP 3.1.1-3.1.5 (what we add is marked *):
   left without copies goes with it.
 
 Every method returns its result or raises Refused(hresult) having changed nothing -- except
-SetContext's retry limit, whose Refused carries the sets it deleted.
+SetContext's retry limit, whose Refused carries the sets it deleted, and a duplicate Add, whose
+refusal restarts the timer SHORT (as 3.1.4.4 requires).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ RULES: dict[str, Rule] = {
     "commit": Rule(frozenset({S.ADDED, S.CREATION_IN_PROGRESS}), S.CREATION_IN_PROGRESS, Timer.STOP),
     "expose": Rule(frozenset({S.COMMITTED}), None, Timer.STOP),
     "recovery_complete": Rule(frozenset({S.EXPOSED}), S.RECOVERED, Timer.STOP),
-    # A commit in flight cannot be interrupted*; everything else can be thrown away.
+    # A commit in flight cannot be interrupted*; everything else can be thrown away.  Aborting an old
+    # Recovered set leaves the timer and context of the set in creation alone* (3.1.4.8 stops no timer).
     "abort": Rule(ALL - {S.CREATION_IN_PROGRESS}, None, Timer.STOP),
     # The spec says Exposed only (SHOULD); Recovered copies still exist and are still mapped*.
     "get_mapping": Rule(frozenset({S.EXPOSED, S.RECOVERED}), None, Timer.LONG),
@@ -95,7 +97,8 @@ HOLDS_SNAPSHOTS = frozenset({S.COMMITTED, S.EXPOSED, S.RECOVERED})
 
 
 class Refused(Exception):
-    """The call fails with this HRESULT; nothing changed but the `discarded` sets."""
+    """The call fails with this HRESULT; nothing changed but the `discarded` sets (and the timer
+    after a duplicate Add)."""
 
     def __init__(self, result: HResult, why: str, discarded: list[ShadowCopySet] | None = None):
         super().__init__(f"{result.name}: {why}")
@@ -335,8 +338,9 @@ class ShadowCopyMachine:
     def abort(self, set_id: uuid.UUID, now: float) -> ShadowCopySet:
         scs = self._find(set_id, "abort")
         del self.sets[set_id]
-        self._apply(scs, "abort", now)
-        self._clear_context()
+        if self.in_creation() is None:  # aborting an old Recovered set leaves the one in creation alone*
+            self._apply(scs, "abort", now)
+            self._clear_context()
         return scs
 
     def share_mapping(self, set_id: uuid.UUID, copy_id: uuid.UUID, share: str, level: int,

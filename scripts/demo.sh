@@ -5,8 +5,8 @@
 set -euo pipefail
 DEMO_DIR=${DEMO_DIR:-/var/tmp/fsrvpd-demo}
 FSRVPD=${FSRVPD:-fsrvpd}
-POOL=fsrvpdemo
-PORT=1445
+POOL=${DEMO_POOL:-fsrvpdemo}
+PORT=${DEMO_PORT:-1445}
 mkdir -p "$DEMO_DIR"
 
 if ! zfs list >/dev/null 2>&1; then
