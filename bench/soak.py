@@ -12,9 +12,9 @@ and retry after a short random pause: those answers are counted, not errors.
 
 Reported: cycles, SET_IN_PROGRESS answers, errors (anything else), leaked objects (once every
 client is done: storage, mounts and shares that disagree with the state, and anything of
-fsrvpd's left on the pool), and the daemon's RSS sampled over time.  Exit status 0 only if errors and leaks are 0 and the RSS
-stayed flat: the median of the last quarter of the samples within --rss-growth percent of the
-median of the second quarter (the first quarter is warm-up).
+fsrvpd's left on the pool), and the daemon's RSS sampled over time.  Exit status 0 only if
+errors and leaks are 0 and the RSS stayed flat: the median of the last quarter of the samples
+within --rss-growth percent of the median of the second quarter (the first quarter is warm-up).
 """
 
 from __future__ import annotations

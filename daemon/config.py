@@ -262,7 +262,8 @@ def parse(text: str, source: str = "<config>") -> Config:
     return Config(source=source, netbios_name=netbios_name, fqdn=fqdn, aliases=aliases, front_door=mode,
                   listen=listen, port=port, domain=domain, users=users, state_dir=state_dir, mount_root=mount_root,
                   sequence_timeout=sequence_timeout, sequence_timeout_long=sequence_timeout_long,
-                  exposure_ttl=exposure_ttl, reconcile_interval=reconcile_interval, command_timeout=command_timeout, shares=shares, log_level=log_level)
+                  exposure_ttl=exposure_ttl, reconcile_interval=reconcile_interval, command_timeout=command_timeout,
+                  shares=shares, log_level=log_level)
 
 
 def _retention(share: _Section) -> RetentionPolicy | None:

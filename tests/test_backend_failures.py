@@ -14,9 +14,9 @@ from fsrvpd import messages as m
 from fsrvpd.client import FsrvpError
 from fsrvpd.constants import Context, HResult
 from tests.support.consistency import problems
-from tests.support.crash import wait_until
+from tests.support.crash import destroy_behind_its_back, wait_until
 from tests.support.daemon import FsrvpDaemon, ours_on_storage
-from tests.support.zfs import FilePool, fill, hanging_zfs, zfs
+from tests.support.zfs import FilePool, fill, hanging_zfs
 
 pytestmark = pytest.mark.zfs
 H = HResult
@@ -74,24 +74,11 @@ def full_cycle_one(client) -> None:
     finish(client, mapping.set_id, {"vms": mapping.copy_id})
 
 
-def destroy_dataset(name: str) -> None:
-    """`zfs destroy -R -f` as an admin would; zfs-fuse may call a fresh mount busy for a moment."""
-    def destroyed() -> bool:
-        try:
-            zfs("destroy", "-R", "-f", name)
-        except RuntimeError as exc:
-            if "busy" not in str(exc):
-                raise
-            return False
-        return True
-    assert wait_until(destroyed)
-
-
 def test_dataset_destroyed_between_commit_and_expose(daemon):
     with daemon.client() as client:
         set_id, [vms, sql] = started_set(client, "vms", "sql")
         client.commit(set_id)
-        destroy_dataset(daemon.datasets["vms"])
+        destroy_behind_its_back(daemon.datasets["vms"])
         assert result_of(client, m.ExposeShadowCopySetRequest(set_id, 60000)) == H.FSRVP_E_OBJECT_NOT_FOUND
         assert f"copy {vms} of share vms is lost" in daemon.log()
         assert statuses(daemon) == [("Committed", 1)] and problems(daemon) == []
@@ -112,7 +99,7 @@ def test_dataset_destroyed_under_a_recovered_rollback_set(fresh_reconciling_daem
         mappings = client.backup_cycle(["vms", "sql"], context=Context.NAS_ROLLBACK)
         set_id, (vms, sql) = mappings[0].set_id, [mapping.copy_id for mapping in mappings]
         client.recovery_complete(set_id)
-        destroy_dataset(daemon.datasets["sql"])
+        destroy_behind_its_back(daemon.datasets["sql"])
         assert wait_until(lambda: statuses(daemon) == [("Recovered", 1)])
         assert problems(daemon) == []
         assert "NT_STATUS_BAD_NETWORK_NAME" in daemon.smbclient(f"sql@{{{sql}}}", "ls")

@@ -20,7 +20,7 @@ from fsrvpd.client import FsrvpError
 from fsrvpd.constants import ATTR_AUTO_RECOVERY, HResult
 from fsrvpd.crashpoints import ENVIRONMENT_VARIABLE
 from tests.support.consistency import problems
-from tests.support.crash import KILL_CASES, full_cycle, run_kill_case, wait_until
+from tests.support.crash import KILL_CASES, destroy_behind_its_back, full_cycle, run_kill_case, wait_until
 from tests.support.daemon import FsrvpDaemon, ours_on_storage
 from tests.support.net import SourceAddressRelay
 from tests.support.zfs import zfs
@@ -99,19 +99,6 @@ def test_two_clients_racing_set_context(fresh_daemon, crash):
 def exposed_copy(daemon, client, context: int = 0) -> tuple[uuid.UUID, dict[str, uuid.UUID]]:
     mappings = client.backup_cycle(["vms", "sql"], context=context)
     return mappings[0].set_id, {share: mapping.copy_id for share, mapping in zip(("vms", "sql"), mappings)}
-
-
-def destroy_behind_its_back(dataset: str) -> None:
-    """`zfs destroy -f` as an admin would, retried while zfs-fuse still calls the fresh mount busy."""
-    def destroyed() -> bool:
-        try:
-            zfs("destroy", "-f", dataset)
-        except RuntimeError as exc:
-            if "busy" not in str(exc):
-                raise
-            return False
-        return True
-    assert wait_until(destroyed, seconds=30)
 
 
 def clone_of(daemon, copy_id: uuid.UUID) -> str:

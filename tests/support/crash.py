@@ -23,6 +23,7 @@ from fsrvpd.constants import ATTR_AUTO_RECOVERY
 from fsrvpd.crashpoints import ENVIRONMENT_VARIABLE
 from tests.support.consistency import problems
 from tests.support.daemon import NETBIOS_NAME, PASSWORD, USER, FsrvpDaemon, ours_on_storage
+from tests.support.zfs import zfs
 
 SHARES = ("vms", "sql")
 COMMITTED_TEXT = "as committed\n"
@@ -242,3 +243,16 @@ def wait_until(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
             return False
         time.sleep(0.2)
     return True
+
+
+def destroy_behind_its_back(dataset: str) -> None:
+    """`zfs destroy -R -f` as an admin would, retried while zfs-fuse still calls a fresh mount busy."""
+    def destroyed() -> bool:
+        try:
+            zfs("destroy", "-R", "-f", dataset)
+        except RuntimeError as exc:
+            if "busy" not in str(exc):
+                raise
+            return False
+        return True
+    assert wait_until(destroyed), f"{dataset} stayed busy"
