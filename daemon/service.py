@@ -67,7 +67,7 @@ class FsrvpService(Reconciliation):
         self.removing: dict[uuid.UUID, dict] = {}  # copy id -> its removal record (see _persist)
         self.lock = asyncio.Lock()
         self.counters: collections.Counter[str] = collections.Counter()  # see the module docstring
-        self._jobs: set[asyncio.Task] = set()  # storage work answered late, still holding the lock
+        self._jobs: set[asyncio.Task] = set()  # Commit/Expose storage work (a late one runs on, holding the lock)
         self.handlers = {
             m.GetSupportedVersionRequest: self.get_supported_version,
             m.SetContextRequest: self.set_context,
