@@ -120,9 +120,9 @@ def test_a_read_only_exposure_destroyed_behind_our_back_is_made_again(reconcilin
         set_id, copies = exposed_copy(daemon, client)
         destroy_behind_its_back(clone_of(daemon, copies["vms"]))
         assert wait_until(lambda: clone_of(daemon, copies["vms"]) in ours_on_storage(daemon.pool))
+        assert wait_until(lambda: problems(daemon) == [])  # the share follows the clone
         assert "exposing its snapshot again" in daemon.log()
         assert "as committed" in daemon.smbclient(f"vms@{{{copies['vms']}}}", "get f -")
-        assert problems(daemon) == []
         client.abort(set_id)
     assert ours_on_storage(daemon.pool) == []
 
@@ -134,7 +134,7 @@ def test_a_writable_exposure_destroyed_behind_our_back_loses_its_copy(reconcilin
         set_id, copies = exposed_copy(daemon, client, context=ATTR_AUTO_RECOVERY)
         destroy_behind_its_back(clone_of(daemon, copies["vms"]))
         assert wait_until(lambda: "copy {} of share vms is lost".format(copies["vms"]) in daemon.log())
-        assert problems(daemon) == []
+        assert wait_until(lambda: problems(daemon) == [])  # its snapshot goes right after the log line
         with pytest.raises(FsrvpError) as lost:
             client.get_share_mapping(set_id, copies["vms"], "vms")
         assert lost.value.result == HResult.E_INVALIDARG

@@ -209,6 +209,7 @@ def full_cycle(client: FsrvpClient) -> None:
 
 def run_kill_case(daemon: FsrvpDaemon, case: KillCase) -> None:
     """One case end to end (see the module docstring); raises AssertionError on any inconsistency."""
+    timers = dict(daemon.config["timers"])
     configure(daemon, case.flow)
     write(os.path.join(daemon.paths["vms"], "f"), COMMITTED_TEXT)
     client = FsrvpClient("127.0.0.1", daemon.port, USER, PASSWORD, server_name=NETBIOS_NAME, timeout=60)
@@ -220,6 +221,7 @@ def run_kill_case(daemon: FsrvpDaemon, case: KillCase) -> None:
     else:
         run_until_killed(daemon, case.point, steps)
     client.close()
+    daemon.config["timers"] = timers  # short timers would race a slow machine through the rest
     daemon.start()
     sets, retained = daemon.state()
     found = problems(daemon)
