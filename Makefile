@@ -2,10 +2,10 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := zfs-fuse samba-common-bin smbclient
+APT_PACKAGES := zfs-fuse samba samba-common-bin smbclient libsystemd-dev pkg-config
 DEMO_DIR ?= /var/tmp/fsrvpd-demo
 
-.PHONY: deps demo test check-config clean
+.PHONY: deps demo demo-samba test dist deb check-config clean
 
 # Idempotent: Debian packages for the real peers and storage, a venv with fsrvpd installed.
 deps: $(VENV)/.installed
@@ -21,13 +21,29 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
-# A working demo: file-backed ZFS pool, share `vms`, user backup/backup, embedded SMB on 127.0.0.1:1445.
+# A working demo: file-backed ZFS pool, share `vms`, user backup/backup, embedded SMB on 127.0.0.1:1445,
+# metrics on 127.0.0.1:9720, fsrvpctl on $(DEMO_DIR)/admin.sock.
 demo: deps
 	DEMO_DIR=$(DEMO_DIR) FSRVPD=$(VENV)/bin/fsrvpd scripts/demo.sh
+
+# The production shape: the same pool and share behind a private smbd on 127.0.0.1:1446 (SMB3),
+# fsrvpd in samba mode serving \PIPE\FssagentRpc for it; smbd is started and stopped here.
+demo-samba: deps
+	DEMO_DIR=$(DEMO_DIR) FSRVPD=$(VENV)/bin/fsrvpd scripts/demo-samba.sh
 
 # The whole suite; .ci/run calls exactly this.
 test: deps
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
+# The sdist and wheel in dist/ (with the venv's setuptools, no download).
+dist: deps
+	rm -rf dist/fsrvpd-*.tar.gz dist/fsrvpd-*.whl
+	$(PY) -m build --no-isolation --outdir dist . >/dev/null
+	@ls dist/fsrvpd-*
+
+# The Debian package in dist/, built from the wheel (packaging/build-deb.sh says what goes where).
+deb: dist
+	packaging/build-deb.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -50,11 +50,14 @@ class ShadowCopyRef:
     set_id: uuid.UUID
     copy_id: uuid.UUID
     store: FileStore
+    # An existing snapshot of `store` to expose instead of the copy's own (an admin's restore):
+    # the backend exposes it but never removes it, it is not fsrvpd's.
+    source: str | None = None
 
     @classmethod
-    def of(cls, set_id: uuid.UUID, copy_id: uuid.UUID, store: dict) -> ShadowCopyRef:
+    def of(cls, set_id: uuid.UUID, copy_id: uuid.UUID, store: dict, source: str | None = None) -> ShadowCopyRef:
         """From the durable state, which keeps the store as a plain dictionary."""
-        return cls(set_id=set_id, copy_id=copy_id, store=FileStore(**store))
+        return cls(set_id=set_id, copy_id=copy_id, store=FileStore(**store), source=source)
 
 
 SNAPSHOT = "snapshot"
@@ -72,6 +75,7 @@ class OwnedObject:
     name: str
     set_id: uuid.UUID
     copy_id: uuid.UUID | None
+    group: str | None = None  # the FileStore.group (pool, VG) it lives in; None: unknown
 
 
 class Backend(abc.ABC):
@@ -110,6 +114,14 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def remove(self, copy: ShadowCopyRef) -> None:
         """Remove the copy's exposure and snapshot, only if they carry our tags (idempotent)."""
+
+    def usage(self, copy: ShadowCopyRef) -> dict[str, int]:
+        """Bytes the copy pins on storage, by kind ("snapshot", "clone"), for metrics; {} if unknown."""
+        return {}
+
+    def pool_space(self, store: FileStore) -> dict[str, int]:
+        """"used" and "available" bytes of the store's `group` (pool, VG), for metrics; {} if unknown."""
+        return {}
 
     @abc.abstractmethod
     def owned(self) -> list[OwnedObject]:

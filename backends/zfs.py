@@ -178,7 +178,7 @@ def _unescape(field: str) -> str:
 
 
 def snapshot_name(copy: ShadowCopyRef) -> str:
-    return f"{copy.store.name}@{NAME_PREFIX}{copy.set_id}"
+    return copy.source or f"{copy.store.name}@{NAME_PREFIX}{copy.set_id}"
 
 
 def clone_name(copy: ShadowCopyRef) -> str:
@@ -321,9 +321,10 @@ class ZfsBackend(Backend):
                 if found[clone].get("mounted") != "yes":
                     self.zfs.mount(clone)
                 return found[clone]["mountpoint"]
-            if snapshot not in found:
-                raise BackendError(f"snapshot {snapshot} does not exist", missing=True)
-            _require_ours(snapshot, found[snapshot], copy.set_id, copy.copy_id)
+            if snapshot not in found or snapshot.partition("@")[0] != copy.store.name:
+                raise BackendError(f"snapshot {snapshot} of {copy.store.name} does not exist", missing=True)
+            if copy.source is None:
+                _require_ours(snapshot, found[snapshot], copy.set_id, copy.copy_id)
             mountpoint = os.path.join(self.mount_root, str(copy.copy_id))
             os.makedirs(self.mount_root, exist_ok=True)
             try:
@@ -339,11 +340,17 @@ class ZfsBackend(Backend):
             self.zfs.set(clone_name(copy), "readonly", "on")
 
     def usage(self, copy: ShadowCopyRef) -> dict[str, int]:
-        """Bytes used by the copy's snapshot and clone (those that exist), for metrics."""
-        names = {"snapshot": snapshot_name(copy), "clone": clone_name(copy)}
+        """`used` of the copy's snapshot and clone (zfs-fuse has no `written`); a restore's snapshot is not ours."""
+        names = {"clone": clone_name(copy)} if copy.source else {"snapshot": snapshot_name(copy),
+                                                                 "clone": clone_name(copy)}
         with _failing_as(f"reading the space used by copy {copy.copy_id}"):
             found = self.zfs.get(["used"], names.values(), exact=True)
         return {kind: int(found[name]["used"]) for kind, name in names.items() if name in found}
+
+    def pool_space(self, store: FileStore) -> dict[str, int]:
+        with _failing_as(f"reading the space of pool {store.group}"):
+            found = self.zfs.get(["used", "available"], [store.group], exact=True).get(store.group, {})
+        return {key: int(value) for key, value in found.items()}
 
     # -- removal -----------------------------------------------------------------------------
 
@@ -351,7 +358,7 @@ class ZfsBackend(Backend):
         self._remove(copy, [clone_name(copy)])
 
     def remove(self, copy: ShadowCopyRef) -> None:
-        self._remove(copy, [clone_name(copy), snapshot_name(copy)])
+        self._remove(copy, [clone_name(copy)] if copy.source else [clone_name(copy), snapshot_name(copy)])
 
     def _remove(self, copy: ShadowCopyRef, names: list[str]) -> None:
         with _failing_as(f"removing shadow copy {copy.copy_id}"):
@@ -370,7 +377,8 @@ class ZfsBackend(Backend):
             except (KeyError, ValueError):
                 log.warning("%s carries malformed fsrvpd tags %s; leaving it alone", name, tags)
                 continue
-            objects.append(OwnedObject(SNAPSHOT if "@" in name else "clone", name, set_id, copy_id))
+            objects.append(OwnedObject(SNAPSHOT if "@" in name else "clone", name, set_id, copy_id,
+                                       group=name.split("/")[0].split("@")[0]))
         return sorted(objects, key=lambda obj: (obj.kind == SNAPSHOT, obj.name))
 
     def remove_owned(self, obj: OwnedObject) -> None:

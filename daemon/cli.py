@@ -6,17 +6,16 @@ import argparse
 import asyncio
 import getpass
 import logging
-import signal
 import sys
 import time
 from typing import TYPE_CHECKING, Callable
 
-from . import __version__
+from . import __version__, logs
 from .config import Config, ConfigError, load
 from .hostnames import host_names_and_addresses
 
 if TYPE_CHECKING:
-    from .service import FsrvpService
+    from .supervisor import Supervisor
 
 DEFAULT_CONFIG = "/etc/fsrvpd/fsrvpd.yaml"
 EXIT_CONFIG = 2
@@ -31,46 +30,58 @@ def nt_hash(password: str) -> str:
     return compute_nthash(password).hex()
 
 
-async def start_daemon(config: Config, clock: Callable[[], float] = time.time) -> FsrvpService:
-    """Build the daemon from its parts and open it: state reloaded and reconciled, shares published,
-    front door serving (`service.front_door`, `service.store` are the parts to close)."""
+async def serve(config: Config, log_destination: str = "stderr") -> None:
+    """Build the daemon from its parts and run it until SIGINT/SIGTERM (see supervisor.py)."""
+    await build(config, log_destination).run()
+
+
+def build(config: Config, log_destination: str = "stderr", clock: Callable[[], float] = time.time) -> Supervisor:
+    """The daemon's parts wired together, not started (tests move `clock`)."""
     from .backends.zfs import ZfsBackend
-    from .rpcserver import serve_pipe
+    from .metrics import Metrics
     from .runner import CommandRunner
     from .service import FsrvpService
     from .store import StateStore
-    from .transports.base import ShareSpec
-    from .transports.embedded import EmbeddedFrontDoor
+    from .supervisor import Supervisor
 
+    metrics = Metrics(__version__)
     runner = CommandRunner(default_timeout=config.command_timeout)
     backends = {"zfs": ZfsBackend(runner, config.mount_root, config.command_timeout)}
-    front_door = EmbeddedFrontDoor(config.listen, config.port, config.users, config.netbios_name, config.domain)
+    if config.front_door == "samba":
+        config, front_door, share_lookup = _samba_front_door(config, runner)
+    else:
+        front_door, share_lookup = _embedded_front_door(config, metrics), None
     store = StateStore(config.state_dir)
     service = FsrvpService(config, store, backends, front_door, clock=clock,
-                           extra_host_names=host_names_and_addresses())
-    await service.start()
-    for share in config.shares.values():
-        await front_door.publish_share(ShareSpec(share.name, share.path, read_only=False, comment=share.comment))
-    await front_door.start(lambda reader, writer, caller: serve_pipe(service, reader, writer, caller))
-    return service
+                           extra_host_names=host_names_and_addresses(), observer=metrics, share_lookup=share_lookup)
+    return Supervisor(service, front_door, runner, metrics, log_destination)
 
 
-async def serve(config: Config) -> None:
-    """Run the daemon until SIGINT/SIGTERM, then stop cleanly."""
-    service = await start_daemon(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    timers = asyncio.create_task(service.run_timers())
-    log.info("fsrvpd %s serving \\\\%s on %s:%d (%s front door), shares: %s", __version__, config.netbios_name,
-             config.listen, config.port, config.front_door, ", ".join(s.name for s in config.shares.values()))
-    await stop.wait()
-    log.info("stopping")
-    timers.cancel()
-    async with service.lock:  # let a call in flight finish its storage work
-        await service.front_door.stop()
-    service.store.close()
+def _embedded_front_door(config: Config, metrics):
+    from .transports.embedded import EmbeddedFrontDoor
+
+    return EmbeddedFrontDoor(config.listen, config.port, config.users, config.netbios_name, config.domain,
+                             observer=metrics)
+
+
+def _samba_front_door(config: Config, runner):
+    """Check Samba's setup and take the pipe socket before anything else; then Samba's names and
+    shares replace the YAML's: UNCs name smbd's host, shares are smbd's."""
+    import dataclasses
+    import os
+
+    from .samba import SambaShareCatalog, SambaTools
+    from .transports.samba import SambaFrontDoor, bind_pipe_socket, check_samba_settings
+
+    tools = SambaTools(runner, config.smb_conf, os.path.join(config.state_dir, "tmp"))
+    front_door = SambaFrontDoor(tools, bind_pipe_socket(check_samba_settings(tools)))
+    catalog = SambaShareCatalog(tools, config.shares)
+    catalog.refresh()
+    netbios_name = tools.parameter("netbios name").upper()
+    aliases = tuple(tools.parameter("netbios aliases").replace(",", " ").split())
+    config = dataclasses.replace(config, netbios_name=netbios_name, aliases=config.aliases + aliases,
+                                 domain=tools.parameter("workgroup"), shares=catalog.shares())
+    return config, front_door, catalog.lookup
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,10 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{args.config}: OK ({len(config.shares)} share(s), {len(config.users)} user(s))")
         return 0
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_destination = logs.setup(config.log_level)
+    from .samba import SambaError
+    from .transports.samba import SambaSetupError
+
     try:
-        asyncio.run(serve(config))
-    except OSError as exc:
+        asyncio.run(serve(config, log_destination))
+    except (OSError, SambaError, SambaSetupError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0

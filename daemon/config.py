@@ -17,8 +17,10 @@ import yaml
 from .retention import RetentionPolicy
 
 DEFAULT_STATE_DIR = "/var/lib/fsrvpd"
+DEFAULT_ADMIN_SOCKET = "/run/fsrvpd/admin.sock"  # systemd's RuntimeDirectory=fsrvpd
 BACKENDS = ("zfs",)
-FRONT_DOORS = ("embedded",)
+FRONT_DOORS = ("embedded", "samba")
+DEFAULT_SMB_CONF = "/etc/samba/smb.conf"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # SMB share names: printable, no path or wildcard characters; '@' is kept for snapshot shares.
 SHARE_NAME = re.compile(r"^[^\x00-\x1f\"\\/\[\]:|<>+=;,*?@{}]{1,80}$")
@@ -38,7 +40,7 @@ class ConfigError(Exception):
 @dataclasses.dataclass(frozen=True)
 class ShareConfig:
     name: str
-    path: str
+    path: str | None  # None in samba mode: Samba's configuration has the path
     backend: str
     store: str | None  # explicit dataset/volume; None = detect from the path
     comment: str
@@ -54,6 +56,7 @@ class Config:
     front_door: str
     listen: str
     port: int
+    smb_conf: str  # samba mode: the smb.conf smbd runs with
     domain: str
     users: dict[str, str]  # user name -> NT hash (hex)
     state_dir: str
@@ -65,6 +68,10 @@ class Config:
     command_timeout: float
     shares: dict[str, ShareConfig]  # keyed by casefolded share name
     log_level: str
+    metrics_listen: str
+    metrics_port: int | None  # None: no metrics endpoint
+    admin_socket: str
+    allowed: tuple[str, ...] = ()  # SIDs and account names allowed to change state, besides the built-in groups
 
     def share(self, name: str) -> ShareConfig | None:
         """SMB share names are case-insensitive."""
@@ -135,7 +142,16 @@ class _Section:
             raise self.error(key, f"{value!r} is not one of {', '.join(choices)}")
         return value
 
-    def number(self, key: str, default: float, minimum: float, maximum: float, integer: bool = False) -> float:
+    def ip_address(self, key: str, default: str) -> str:
+        value = self.text(key, default)
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise self.error(key, f"{value!r} is not an IP address") from None
+        return value
+
+    def number(self, key: str, default: float | None, minimum: float, maximum: float,
+               integer: bool = False) -> float | None:
         node = self._scalar(key, False)
         if node is None:
             return default
@@ -208,16 +224,16 @@ def parse(text: str, source: str = "<config>") -> Config:
 
     front = top.section("front_door")
     mode = front.choice("mode", FRONT_DOORS, "embedded")
-    listen = front.text("listen", "0.0.0.0")
-    try:
-        ipaddress.ip_address(listen)
-    except ValueError:
-        raise front.error("listen", f"{listen!r} is not an IP address") from None
+    listen = front.ip_address("listen", "0.0.0.0")
     port = int(front.number("port", 445, 1, 65535, integer=True))
+    smb_conf = front.absolute_path("smb_conf", DEFAULT_SMB_CONF)
     front.finish()
+    samba = mode == "samba"
 
     users = {}
     for name, user in top.subsections("users"):
+        if samba:
+            raise top.section("users").error(name, "users belong to Samba in samba mode (smbpasswd, AD)")
         nt_hash = user.text("nt_hash", required=True, pattern=NT_HASH,
                             hint="32 hex digits; make one with `fsrvpd nt-hash`")
         users[name] = nt_hash.lower()
@@ -244,9 +260,11 @@ def parse(text: str, source: str = "<config>") -> Config:
         if name.casefold() in shares:
             raise top.section("shares").error(name, "differs from another share only in case")
         backend = share.choice("backend", BACKENDS, "zfs")
+        if samba and "path" in share.items:
+            raise share.error("path", "comes from Samba's configuration in samba mode; leave it out")
         shares[name.casefold()] = ShareConfig(
             name=name,
-            path=share.absolute_path("path", required=True),
+            path=None if samba else share.absolute_path("path", required=True),
             backend=backend,
             store=share.text("dataset"),
             comment=share.text("comment", ""),
@@ -254,16 +272,31 @@ def parse(text: str, source: str = "<config>") -> Config:
         )
         share.finish()
 
+    authorization = top.section("authorization")
+    allowed = authorization.text_list("allow")
+    authorization.finish()
+
     logging_section = top.section("logging")
     log_level = logging_section.choice("level", LOG_LEVELS, "info")
     logging_section.finish()
+
+    metrics = top.section("metrics")
+    metrics_listen = metrics.ip_address("listen", "127.0.0.1")
+    metrics_port = metrics.number("port", None, 1, 65535, integer=True)
+    metrics.finish()
+
+    admin = top.section("admin")
+    admin_socket = admin.absolute_path("socket", DEFAULT_ADMIN_SOCKET)
+    admin.finish()
     top.finish()
 
     return Config(source=source, netbios_name=netbios_name, fqdn=fqdn, aliases=aliases, front_door=mode,
-                  listen=listen, port=port, domain=domain, users=users, state_dir=state_dir, mount_root=mount_root,
+                  listen=listen, port=port, smb_conf=smb_conf, domain=domain, users=users, state_dir=state_dir,
+                  mount_root=mount_root,
                   sequence_timeout=sequence_timeout, sequence_timeout_long=sequence_timeout_long,
                   exposure_ttl=exposure_ttl, reconcile_interval=reconcile_interval, command_timeout=command_timeout,
-                  shares=shares, log_level=log_level)
+                  shares=shares, log_level=log_level, metrics_listen=metrics_listen, metrics_port=metrics_port,
+                  admin_socket=admin_socket, allowed=allowed)
 
 
 def _retention(share: _Section) -> RetentionPolicy | None:

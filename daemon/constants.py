@@ -31,6 +31,14 @@ class HResult(enum.IntEnum):
     FSSAGENT_E_TIMEOUT = 0x80042500
 
 
+def hresult_name(value: int) -> str:
+    """The name MS-FSRVP gives a result, or its hex value (fault statuses, unknown codes)."""
+    try:
+        return HResult(value).name
+    except ValueError:
+        return f"{value:#010x}"
+
+
 class Context(enum.IntEnum):
     """Shadow copy contexts of SetContext (MS-FSRVP 2.2.2.2), without attribute bits."""
 

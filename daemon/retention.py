@@ -63,8 +63,9 @@ class RetainedCopy:
 
 
 def retained_copy(scs: ShadowCopySet, copy: ShadowCopy, now: float) -> RetainedCopy | None:
-    """The record that keeps `copy` if its backup completed; None for a set still in creation or recovery."""
-    if not (scs.status is Status.RECOVERED or (scs.status is Status.EXPOSED and not scs.auto_recovery)):
+    """The record that keeps `copy` if its backup completed; None for a set still in creation or
+    recovery, and for an admin's restore (its snapshot is not fsrvpd's to keep)."""
+    if copy.source or not (scs.status is Status.RECOVERED or (scs.status is Status.EXPOSED and not scs.auto_recovery)):
         return None
     return RetainedCopy(copy_id=copy.copy_id, set_id=scs.set_id, share=copy.share, store=copy.store,
                         context=scs.context, created_at=copy.created_at, retained_at=now,

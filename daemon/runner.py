@@ -2,7 +2,7 @@
 
 Every `zfs`, `lvm`, `btrfs` or `mount` command fsrvpd runs goes through `CommandRunner.run`, so each
 one is logged with its duration, bounded by a timeout and counted per tool and outcome (the
-metrics endpoint reads `stats`).  Backends never call `subprocess` themselves.
+metrics endpoint reads `totals()`).  Backends never call `subprocess` themselves.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ class CommandFailed(Exception):
 
 @dataclasses.dataclass
 class CommandStats:
-    """Running totals per tool (argv[0] basename) for metrics and the admin CLI."""
+    """Running totals per tool (argv[0] basename) for metrics and the admin CLI; `failures` counts
+    the commands whose caller needed them to succeed (check=True)."""
 
     calls: int = 0
     failures: int = 0
@@ -49,6 +50,11 @@ class CommandRunner:
         self.env = {**os.environ, "LC_ALL": "C", **(env or {})}
         self.stats: dict[str, CommandStats] = collections.defaultdict(CommandStats)
         self._lock = threading.Lock()
+
+    def totals(self) -> dict[str, CommandStats]:
+        """A consistent copy of `stats`, for readers in other threads (the metrics scrape)."""
+        with self._lock:
+            return {tool: dataclasses.replace(entry) for tool, entry in self.stats.items()}
 
     def run(self, argv: list[str], timeout: float | None = None, check: bool = True) -> subprocess.CompletedProcess:
         """Run argv and return the completed process; raise CommandFailed when check and it failed."""
@@ -68,7 +74,7 @@ class CommandRunner:
             entry = self.stats[os.path.basename(argv[0])]
             entry.calls += 1
             entry.seconds += elapsed
-            entry.failures += failed
+            entry.failures += failed and check  # with check=False the caller expects and handles failure
         level = logging.WARNING if failed and check else logging.DEBUG
         log.log(level, "%s -> %s in %.3fs%s", " ".join(argv), "timeout" if timed_out else proc.returncode,
                 elapsed, f": {proc.stderr.strip()}" if failed else "")

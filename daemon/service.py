@@ -10,15 +10,13 @@ several clients never interleave half-way.  Commit and Expose answer by the clie
 TimeOutInMilliseconds even while a storage command hangs; the command, bounded by the
 per-command timeout, then finishes and is undone in the background, still holding the lock.
 
-`counters` counts what the metrics endpoint reports besides the storage commands: sets_expired
-(sequence timer), sets_reaped (exposure TTL), orphans_removed, copies_lost, copies_reexposed,
-shares_withdrawn, shares_republished, interrupted_repaired and retained_pruned.
+What it does besides answering calls -- timer expiries, TTL reaping, repairs, retention
+pruning -- it reports to the `observer` (metrics.py counts it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import logging
@@ -27,24 +25,28 @@ import uuid
 from typing import Awaitable, Callable, Iterable, Sequence
 
 from . import messages as m
+from .authz import Authorizer, changes_state
 from .backends.base import Backend, BackendError, FileStore, NotSupported, ShadowCopyRef
 from .config import Config, ShareConfig
 from .constants import FSRVP_MAX_VERSION, FSRVP_MIN_VERSION, HResult
 from .crashpoints import crash_point
+from .logs import HRESULT as HRESULT_FIELD, set_fields
+from .observer import Observer
 from .reconcile import Reconciliation
 from .retention import RetainedCopy, RetentionPolicy, retained_copy, to_prune
 from .state import Refused, ShadowCopy, ShadowCopyMachine, ShadowCopySet
 from .store import REMOVING, RETAINED, SETS, StateStore
-from .transports.base import Caller, FrontDoor, ShareSpec
+from .transports.base import Caller, FrontDoor, FrontDoorError, ShareSpec
 from .unc import BadUnc, parse_unc
 
 log = logging.getLogger("fsrvpd.service")
 
+RETRY_REMOVAL_SECONDS = 5.0  # storage that was busy when it should have gone is tried again this soon
 GLOBALS_KEY = "globals"
 
 
 def copy_ref(scs: ShadowCopySet, copy: ShadowCopy) -> ShadowCopyRef:
-    return ShadowCopyRef.of(scs.set_id, copy.copy_id, copy.store)
+    return ShadowCopyRef.of(scs.set_id, copy.copy_id, copy.store, copy.source)
 
 
 def _who(caller: Caller) -> str:
@@ -55,18 +57,25 @@ class FsrvpService(Reconciliation):
     """Answers the 13 FSRVP operations; see the module docstring for the order of effects."""
 
     def __init__(self, config: Config, store: StateStore, backends: dict[str, Backend], front_door: FrontDoor,
-                 clock: Callable[[], float] = time.time, extra_host_names: frozenset[str] = frozenset()):
-        self.config = config
+                 clock: Callable[[], float] = time.time, extra_host_names: frozenset[str] = frozenset(),
+                 observer: Observer | None = None, authorizer: Authorizer | None = None,
+                 share_lookup: Callable[[str], ShareConfig | None] | None = None):
+        """`share_lookup` finds a base share by name (default: the configuration's shares; Samba's in
+        samba mode, where smbd serves them)."""
+        self.authorizer = authorizer or Authorizer([*config.users, *config.allowed])
+        self._share_lookup = share_lookup
         self.store = store
         self.backends = backends
         self.front_door = front_door
         self.clock = clock
-        self.host_names = config.own_host_names() | {name.casefold() for name in extra_host_names}
+        self.extra_host_names = frozenset(name.casefold() for name in extra_host_names)
+        self.observer = observer or Observer()
         self.machine = ShadowCopyMachine(config.sequence_timeout, config.sequence_timeout_long)
+        self.reconfigure(config)
         self.retained: dict[uuid.UUID, RetainedCopy] = {}
         self.removing: dict[uuid.UUID, dict] = {}  # copy id -> its removal record (see _persist)
         self.lock = asyncio.Lock()
-        self.counters: collections.Counter[str] = collections.Counter()  # see the module docstring
+        self.removal_pending = False  # some storage could not be removed yet: reconcile soon
         self._jobs: set[asyncio.Task] = set()  # Commit/Expose storage work (a late one runs on, holding the lock)
         self.handlers = {
             m.GetSupportedVersionRequest: self.get_supported_version,
@@ -85,6 +94,13 @@ class FsrvpService(Reconciliation):
         }
 
     # -- life cycle ---------------------------------------------------------------------------
+    def reconfigure(self, config: Config) -> None:
+        """Take a (re)loaded configuration: shares, host names, timer values and retention policies
+        apply to the next call."""
+        self.config = config
+        self.host_names = config.own_host_names() | self.extra_host_names
+        self.machine.set_timeouts(config.sequence_timeout, config.sequence_timeout_long)
+
     async def start(self) -> None:
         """Reload the durable state, fire overdue timers, then reconcile (see reconcile.py)."""
         self.machine.restore(self.store.load(SETS), self.store.load_setting(GLOBALS_KEY))
@@ -96,45 +112,56 @@ class FsrvpService(Reconciliation):
         await self.reconcile(starting=True)
 
     async def run_timers(self) -> None:
-        """Fire the Message Sequence Timer and the exposure TTL when due; reconcile now and then."""
+        """Fire the Message Sequence Timer and the exposure TTL when due; reconcile now and then, and
+        soon after a removal failed (a clone smbd kept busy for a moment, say)."""
         last_reconcile = time.monotonic()
         while True:
             await asyncio.sleep(min(1.0, self.config.sequence_timeout / 4))
             await self.tick()
-            if time.monotonic() - last_reconcile >= self.config.reconcile_interval:
+            since = time.monotonic() - last_reconcile
+            if since >= self.config.reconcile_interval or (self.removal_pending and since >= RETRY_REMOVAL_SECONDS):
                 last_reconcile = time.monotonic()
                 await self.reconcile()
 
-    async def tick(self) -> None:
-        """Delete the sets the sequence timer or the exposure TTL doomed, with their snapshots and shares."""
+    async def tick(self) -> list[ShadowCopySet]:
+        """Delete the sets the sequence timer or the exposure TTL doomed, with their snapshots and
+        shares; returns them."""
         async with self.lock:
             now = self.clock()
             expired = self.machine.expire(now)
             reaped = self.machine.reap(now, self.config.exposure_ttl)
             if not expired and not reaped:
-                return
+                return []
             for scs in expired:
                 log.warning("sequence timer expired: removing set %s (%s) of %s and its snapshots", scs.set_id,
-                            scs.status.value, scs.client_address)
+                            scs.status.value, scs.client_address, extra=set_fields(scs))
             for scs in reaped:
                 log.warning("exposure TTL: removing set %s (%s, context %#x) of %s, exposed %.0f s ago and never "
                             "deleted by its client", scs.set_id, scs.status.value, scs.context, scs.client_address,
-                            now - (scs.exposed_at or scs.started_at))
-            self.counters["sets_expired"] += len(expired)
-            self.counters["sets_reaped"] += len(reaped)
+                            now - (scs.exposed_at or scs.started_at), extra=set_fields(scs))
             self._persist(deleted=expired + reaped)
             crash_point("expire.intent" if expired else "reap.intent")
             for scs in expired + reaped:
                 await self._destroy(scs, scs.copies)
+            if expired:
+                self.observer.timer_expired(len(expired))
+            if reaped:
+                self.observer.sets_reaped(len(reaped))
+            return expired + reaped
 
     # -- dispatch -----------------------------------------------------------------------------
     async def handle(self, request, caller: Caller):
         """Answer one decoded request; refusals become HRESULTs, never exceptions."""
         handler = self.handlers[type(request)]
+        if changes_state(request) and not self.authorizer.allows(caller):
+            log.warning("%s from %s refused: E_ACCESSDENIED (not in Administrators, Backup Operators or the "
+                        "configured allow list)", type(request).__name__.removesuffix("Request"), _who(caller))
+            return m.failure_response(request, int(HResult.E_ACCESSDENIED))
         try:
             return await handler(request, caller)
         except Refused as refused:
-            log.info("%s from %s refused: %s", type(request).__name__.removesuffix("Request"), _who(caller), refused)
+            log.info("%s from %s refused: %s", type(request).__name__.removesuffix("Request"), _who(caller), refused,
+                     extra={HRESULT_FIELD: f"{int(refused.result):#010x}"})
             return m.failure_response(request, int(refused.result))
 
     def _persist(self, *changed: ShadowCopySet, deleted: Sequence[ShadowCopySet] = (),
@@ -173,10 +200,20 @@ class FsrvpService(Reconciliation):
             parsed = parse_unc(unc, self.host_names)
         except BadUnc as exc:
             raise Refused(HResult.E_INVALIDARG, str(exc)) from None
-        share = self.config.share(parsed.share)
+        share = (self._share_lookup or self.config.share)(parsed.share)
         if share is None:
             raise Refused(HResult.FSRVP_E_OBJECT_NOT_FOUND, f"no share {parsed.share!r} is configured")
         return share
+
+    async def _configured_stores(self) -> list[tuple[ShareConfig, FileStore]]:
+        """The file store of every configured share that has one (those that cannot be shadow-copied left out)."""
+        found = []
+        for share in self.config.shares.values():
+            try:
+                found.append((share, await self._file_store(share)))
+            except Refused:
+                continue
+        return found
 
     async def _file_store(self, share: ShareConfig) -> FileStore:
         backend = self.backends[share.backend]
@@ -344,7 +381,7 @@ class FsrvpService(Reconciliation):
                 crash_point("expose.recorded")
                 await self._publish(copy)
                 crash_point("expose.published")
-        except BackendError as exc:
+        except (BackendError, FrontDoorError) as exc:
             log.error("expose of set %s failed: %s", scs.set_id, exc)
             result = _failure_result(exc)
         if not deadline.in_time():
@@ -374,7 +411,11 @@ class FsrvpService(Reconciliation):
         for copy in scs.copies:
             if copy.read_only or not copy.exposed_path:
                 continue
-            await self._publish(copy, read_only=True)
+            try:
+                await self._publish(copy, read_only=True)
+            except FrontDoorError as exc:
+                log.error("share %s stays writable at the share level (the storage is made read-only all the "
+                          "same): %s", copy.exposed_name, exc)
             try:
                 await asyncio.to_thread(self.backends[copy.store["backend"]].make_read_only, copy_ref(scs, copy))
             except BackendError as exc:
@@ -426,7 +467,7 @@ class FsrvpService(Reconciliation):
             self._persist_set(scs, removed=[] if kept else [(scs, copy)], retained=[kept] if kept else [])
             crash_point("delete.intent")
             if copy.exposed_name:
-                await self.front_door.unpublish_share(copy.exposed_name)
+                await self._unpublish(copy.exposed_name)
             crash_point("delete.unpublished")
             if kept is None:
                 await self._remove_storage(scs, [copy])
@@ -438,6 +479,56 @@ class FsrvpService(Reconciliation):
         log.info("set %s: copy %s of %s deleted by %s%s", scs.set_id, copy.copy_id, share.name, _who(caller),
                  f"; its snapshot is retained ({_describe(share.retention)})" if kept else "")
         return m.failure_response(request, 0)
+
+    # -- administration (fsrvpctl) -------------------------------------------------------------
+    async def delete_set(self, set_id: uuid.UUID) -> ShadowCopySet:
+        """An admin removes a set with its shares and storage, whatever its status (Refused if unknown)."""
+        async with self.lock:
+            scs = self.machine.discard(set_id)
+            self._persist(deleted=[scs])
+            await self._destroy(scs, scs.copies)
+        log.warning("set %s (%s) deleted by the administrator", scs.set_id, scs.status.value, extra=set_fields(scs))
+        return scs
+
+    async def expose_snapshot(self, snapshot: str) -> ShadowCopySet:
+        """Publish an existing snapshot of a configured share read-only, e.g. for a restore.
+
+        It becomes a Recovered set of one copy whose share is `share@{GUID}`; deleting the set
+        removes the clone and the share, never the snapshot.  Refused(OBJECT_NOT_FOUND) names the
+        shares when no configured share's file store has that snapshot's name.
+        """
+        store_name = snapshot.partition("@")[0]
+        stores = await self._configured_stores()
+        match = next(((share, store) for share, store in stores if store.name == store_name and "@" in snapshot),
+                     None)
+        if match is None:
+            raise Refused(HResult.FSRVP_E_OBJECT_NOT_FOUND,
+                          f"{snapshot!r} is not a snapshot of a configured share's file store ("
+                          + ", ".join(f"{share.name}: {store.name}" for share, store in stores) + ")")
+        share, store = match
+        async with self.lock:
+            scs = self.machine.restore_set(share.name, f"\\\\{self.config.netbios_name}\\{share.name}\\",
+                                           dataclasses.asdict(store), snapshot, self.clock())
+            self._persist(scs)  # intent: the clone and the share are about to exist
+            copy = scs.copies[0]
+            try:
+                copy.exposed_path = await asyncio.to_thread(self.backends[store.backend].expose,
+                                                            copy_ref(scs, copy), False)
+            except BackendError as exc:
+                self.machine.discard(scs.set_id)
+                self._persist(deleted=[scs])
+                await self._remove_storage(scs, scs.copies)
+                raise Refused(HResult.FSRVP_E_WAIT_FAILED, str(exc)) from None
+            self._persist(scs)
+            await self._publish(copy)
+        log.info("snapshot %s exposed read-only as share %s by the administrator", snapshot, copy.exposed_name,
+                 extra=set_fields(scs))
+        return scs
+
+    async def prune(self) -> dict[str, int]:
+        """Now rather than on the timers' schedule: drop expired sets and reconcile (orphans removed)."""
+        expired = await self.tick()
+        return {"expired_sets": len(expired), "orphans_removed": await self.reconcile()}
 
     # -- retention (the admin API; see retention.py) -------------------------------------------
     def retained_copies(self) -> list[RetainedCopy]:
@@ -459,8 +550,9 @@ class FsrvpService(Reconciliation):
         for copy in doomed:
             log.info("retention: pruning copy %s of %s (set %s, from %s)", copy.copy_id, copy.share, copy.set_id,
                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(copy.created_at)))
-        self.counters["retained_pruned"] += len(doomed)
         await self._unretain(doomed)
+        if doomed:
+            self.observer.retention_pruned(len(doomed))
 
     async def _unretain(self, doomed: list[RetainedCopy]) -> None:
         if not doomed:
@@ -480,21 +572,28 @@ class FsrvpService(Reconciliation):
     async def _publish(self, copy: ShadowCopy, read_only: bool | None = None) -> None:
         await self.front_door.publish_share(ShareSpec(name=copy.exposed_name, path=copy.exposed_path,
                                                       read_only=copy.read_only if read_only is None else read_only,
-                                                      comment=f"shadow copy of {copy.share}"))
+                                                      comment=f"shadow copy of {copy.share}", base=copy.share))
 
     async def _withdraw(self, scs: ShadowCopySet) -> None:
         """Undo a half-made exposure: shares first, then the clones (snapshots stay)."""
         for copy in scs.copies:
             if copy.exposed_name:
-                await self.front_door.unpublish_share(copy.exposed_name)
+                await self._unpublish(copy.exposed_name)
         await self._remove_storage(scs, scs.copies, exposures_only=True)
 
     async def _destroy(self, scs: ShadowCopySet, copies: list[ShadowCopy]) -> None:
         """Withdraw shares and remove storage of copies the state no longer holds."""
         for copy in copies:
             if copy.exposed_name:
-                await self.front_door.unpublish_share(copy.exposed_name)
+                await self._unpublish(copy.exposed_name)
         await self._remove_storage(scs, copies)
+
+    async def _unpublish(self, name: str) -> None:
+        """A share that cannot be withdrawn now is an orphan: reconciliation withdraws it later."""
+        try:
+            await self.front_door.unpublish_share(name)
+        except FrontDoorError as exc:
+            log.error("could not withdraw share %s yet (reconciliation retries): %s", name, exc)
 
     async def _remove_storage(self, scs: ShadowCopySet, copies: list[ShadowCopy],
                               exposures_only: bool = False) -> None:
@@ -510,6 +609,7 @@ class FsrvpService(Reconciliation):
                 await asyncio.to_thread(remove, ref)
             except BackendError as exc:
                 log.error("could not remove storage of copy %s yet (reconciliation retries): %s", ref.copy_id, exc)
+                self.removal_pending = True
             else:
                 gone.append(ref.copy_id)
         if not exposures_only:
@@ -546,11 +646,11 @@ def _removal(set_id: uuid.UUID, copy: ShadowCopy | RetainedCopy) -> dict:
     return {"copy_id": str(copy.copy_id), "set_id": str(set_id), "store": copy.store}
 
 
-def _failure_result(exc: BackendError) -> HResult:
-    """The HRESULT for a failed storage step: MS-FSRVP passes the shadow copy utility's error on."""
-    if exc.out_of_space:
+def _failure_result(exc: BackendError | FrontDoorError) -> HResult:
+    """The HRESULT for a failed storage or share step: MS-FSRVP passes the shadow copy utility's error on."""
+    if getattr(exc, "out_of_space", False):
         return HResult.E_OUTOFMEMORY  # Windows' text for it: "Not enough storage is available ..."
-    if exc.missing:
+    if getattr(exc, "missing", False):
         return HResult.FSRVP_E_OBJECT_NOT_FOUND
     return HResult.FSRVP_E_WAIT_FAILED
 

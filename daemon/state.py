@@ -50,7 +50,6 @@ from .constants import ATTR_AUTO_RECOVERY, ATTR_PERSISTENT, CONTEXT_ATTRIBUTES, 
 MAX_SHARES_PER_SET = 64
 MAX_RETRIES = 5  # Windows' value for ShadowCopyClientRetryCount
 NULL_GUID = uuid.UUID(int=0)
-SNAPSHOT_SHARE = re.compile(r".+@\{[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}\}\$?", re.IGNORECASE)
 
 
 class Status(str, enum.Enum):
@@ -118,6 +117,7 @@ class ShadowCopy:
     exposed_name: str | None = None  # share name `share@{GUID}` once exposure began
     exposed_path: str | None = None
     read_only: bool = True  # what the exposure is on storage (recorded after the storage change)
+    source: str | None = None  # an admin's restore: the existing snapshot exposed (never removed)
 
 
 @dataclasses.dataclass
@@ -181,6 +181,14 @@ def exposed_share_name(share: str, copy_id: uuid.UUID) -> str:
     return f"{share}@{{{copy_id}}}{suffix}"
 
 
+_EXPOSED_SHARE_NAME = re.compile(r"^.+@\{[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}\}\$?$")
+
+
+def is_exposed_share_name(name: str) -> bool:
+    """Whether `name` has the form exposed_share_name gives (base share names cannot contain '@')."""
+    return _EXPOSED_SHARE_NAME.match(name) is not None
+
+
 def _require_guid(value: uuid.UUID, what: str) -> None:
     if value == NULL_GUID:
         raise Refused(HResult.E_INVALIDARG, f"{what} is NULL")
@@ -191,7 +199,7 @@ class ShadowCopyMachine:
 
     def __init__(self, short_timeout: float = 180.0, long_timeout: float = 1800.0,
                  new_id: Callable[[], uuid.UUID] = uuid.uuid4):
-        self.timeouts = {Timer.SHORT: short_timeout, Timer.LONG: long_timeout}
+        self.set_timeouts(short_timeout, long_timeout)
         self.new_id = new_id
         self.sets: dict[uuid.UUID, ShadowCopySet] = {}
         self.context_set = False
@@ -201,6 +209,10 @@ class ShadowCopyMachine:
         self.deadline: float | None = None  # the Message Sequence Timer, as unix time
 
     # -- helpers ------------------------------------------------------------------------------
+    def set_timeouts(self, short_timeout: float, long_timeout: float) -> None:
+        """The timer's two values (a reload may change them; a running timer keeps its deadline)."""
+        self.timeouts = {Timer.SHORT: short_timeout, Timer.LONG: long_timeout}
+
     def in_creation(self) -> ShadowCopySet | None:
         return next((s for s in self.sets.values() if s.status in IN_CREATION), None)
 
@@ -372,6 +384,32 @@ class ShadowCopyMachine:
         if copy is None or copy.share.casefold() != share.casefold():
             raise Refused(missing, f"no copy {copy_id} of share {share} in set {scs.set_id}")
         return copy
+
+    def restore_set(self, share: str, unc: str, store: dict, source: str, now: float) -> ShadowCopySet:
+        """An admin's read-only exposure of an existing snapshot*: a Recovered set of one copy, with a
+        persistent context so that nothing but the admin removes it."""
+        scs = ShadowCopySet(set_id=self.new_id(), client_set_id=NULL_GUID, context=int(Context.NAS_ROLLBACK),
+                            status=S.RECOVERED, client_address="local", principal="fsrvpctl", started_at=now)
+        copy = ShadowCopy(copy_id=self.new_id(), client_copy_id=NULL_GUID, share=share, unc=unc, store=store,
+                          created_at=now, source=source)
+        copy.exposed_name = exposed_share_name(share, copy.copy_id)
+        scs.copies.append(copy)
+        self.sets[scs.set_id] = scs
+        return scs
+
+    def discard(self, set_id: uuid.UUID) -> ShadowCopySet:
+        """An admin deletes a set in any status but while its commit runs*; the set a client was
+        creating also releases the context, as Abort does."""
+        scs = self.sets.get(set_id)
+        if scs is None:
+            raise Refused(HResult.FSRVP_E_OBJECT_NOT_FOUND, f"no shadow copy set {set_id}")
+        if scs.status is S.CREATION_IN_PROGRESS:
+            raise Refused(HResult.FSRVP_E_BAD_STATE, f"set {set_id} is being committed; try again when it is done")
+        del self.sets[set_id]
+        if scs.status in IN_CREATION:
+            self._clear_context()
+            self._timer(Timer.STOP, 0)
+        return scs
 
     def expire(self, now: float) -> list[ShadowCopySet]:
         """Fire the sequence timer if it is due: returns the deleted sets, for cleanup."""

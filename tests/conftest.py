@@ -1,3 +1,13 @@
 """Fixtures shared by the suite: real zfs-fuse pools and real fsrvpd daemons."""
 
-pytest_plugins = ["tests.support.zfs", "tests.support.daemon"]
+import pytest
+
+pytest_plugins = ["tests.support.zfs", "tests.support.daemon", "tests.support.samba"]
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item, so fixtures can tell a failed test (and show logs)."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report

@@ -151,7 +151,7 @@ MISTAKES = {
     # choices
     "unknown backend": ("shares:\n  vms:\n    path: /a\n    backend: btrfs\n", 4, "shares.vms.backend",
                         "not one of zfs"),
-    "unknown front door": ("front_door:\n  mode: samba\n", 2, "front_door.mode", "not one of embedded"),
+    "unknown front door": ("front_door:\n  mode: smbd\n", 2, "front_door.mode", "not one of embedded, samba"),
     "unknown log level": ("logging:\n  level: verbose\n", 2, "logging.level", "not one of"),
     # ranges
     "port 0": ("front_door:\n  port: 0\n", 2, "front_door.port", "outside 1..65535"),

@@ -23,7 +23,7 @@ from tests.support.consistency import problems
 from tests.support.crash import KILL_CASES, destroy_behind_its_back, full_cycle, run_kill_case, wait_until
 from tests.support.daemon import FsrvpDaemon, ours_on_storage
 from tests.support.net import SourceAddressRelay
-from tests.support.zfs import zfs
+from tests.support.zfs import FilePool, zfs
 
 pytestmark = pytest.mark.zfs
 
@@ -146,31 +146,33 @@ def test_a_writable_exposure_destroyed_behind_our_back_loses_its_copy(reconcilin
 
 
 def test_stray_objects_of_our_sets_are_removed_and_other_instances_objects_kept(reconciling_daemon):
-    """An object tagged with one of this daemon's sets that the state does not want goes; one tagged
-    with a set this daemon never recorded (another fsrvpd's) or not tagged at all stays."""
+    """A tagged object the state does not want goes; one tagged by another fsrvpd (a set this daemon
+    never recorded, in a pool none of its shares uses) or not tagged at all stays."""
     daemon = reconciling_daemon
     pool = daemon.pool.name
-    foreign_set, foreign_copy = uuid.uuid4(), uuid.uuid4()
-    foreign = f"{pool}/vms@fsrvpd-{foreign_set}"
-    zfs("snapshot", "-o", f"fsrvpd:set={foreign_set}", "-o", f"fsrvpd:copy={foreign_copy}", foreign)
     look_alike = f"{pool}/sql@fsrvpd-{uuid.uuid4()}"  # our naming, but no tags
     zfs("snapshot", look_alike)
-    with daemon.client() as client:
-        client.set_context(0)
-        set_id = client.start_shadow_copy_set()
-        copy_id = client.add_to_shadow_copy_set(set_id, "vms")
-        client.commit(set_id)  # Committed: the state wants the snapshot, no clone
-        stray = f"{pool}/fsrvpd-{copy_id}"
-        zfs("clone", "-o", f"fsrvpd:set={set_id}", "-o", f"fsrvpd:copy={copy_id}", "-o", "mountpoint=none",
-            f"{pool}/vms@fsrvpd-{set_id}", stray)
-        assert wait_until(lambda: stray not in ours_on_storage(daemon.pool))
-        assert f"removing orphaned clone {stray}" in daemon.log()
-        assert set(ours_on_storage(daemon.pool)) == {foreign, look_alike, f"{pool}/vms@fsrvpd-{set_id}"}
-        client.abort(set_id)
-    with daemon.client() as client:
-        full_cycle(client)
-    assert sorted(ours_on_storage(daemon.pool)) == sorted([foreign, look_alike])
-    zfs("destroy", foreign)
+    with FilePool(size_mib=64) as other_pool:
+        other_dataset, _ = other_pool.dataset("data")
+        foreign_set = uuid.uuid4()
+        foreign = f"{other_dataset}@fsrvpd-{foreign_set}"
+        zfs("snapshot", "-o", f"fsrvpd:set={foreign_set}", "-o", f"fsrvpd:copy={uuid.uuid4()}", foreign)
+        with daemon.client() as client:
+            client.set_context(0)
+            set_id = client.start_shadow_copy_set()
+            copy_id = client.add_to_shadow_copy_set(set_id, "vms")
+            client.commit(set_id)  # Committed: the state wants the snapshot, no clone
+            stray = f"{pool}/fsrvpd-{copy_id}"
+            zfs("clone", "-o", f"fsrvpd:set={set_id}", "-o", f"fsrvpd:copy={copy_id}", "-o", "mountpoint=none",
+                f"{pool}/vms@fsrvpd-{set_id}", stray)
+            assert wait_until(lambda: stray not in ours_on_storage(daemon.pool))
+            assert f"removing orphaned clone {stray}" in daemon.log()
+            assert set(ours_on_storage(daemon.pool)) == {look_alike, f"{pool}/vms@fsrvpd-{set_id}"}
+            client.abort(set_id)
+            full_cycle(client)
+        assert ours_on_storage(other_pool) == [foreign]
+        assert foreign not in daemon.log()  # not even considered
+    assert ours_on_storage(daemon.pool) == [look_alike]
     zfs("destroy", look_alike)
     assert problems(daemon) == []
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -25,7 +26,8 @@ READY = "serving \\\\FSRVPD-DEMO"
 class Demo:
     def __init__(self, directory: Path):
         self.env = {**os.environ, "DEMO_DIR": str(directory), "DEMO_POOL": f"fsrvpdemo{uuid.uuid4().hex[:8]}",
-                    "DEMO_PORT": str(free_port()), "FSRVPD": str(Path(sys.executable).parent / "fsrvpd")}
+                    "DEMO_PORT": str(free_port()), "DEMO_METRICS_PORT": str(free_port()),
+                    "FSRVPD": str(Path(sys.executable).parent / "fsrvpd")}
         self.log = directory / "demo.log"
         self.process: subprocess.Popen | None = None
 
@@ -61,6 +63,8 @@ def test_demo_starts_serves_stops_on_ctrl_c_and_starts_again(zfs_daemon, samba_c
         created = subprocess.run(printed_command(output, "fss_create_expose"), capture_output=True, text=True).stdout
         exposed = re.search(r"share \\\\[^\\]+\\(vms@\{[0-9a-f-]+\}) exposed", created)
         assert exposed, created
+        with urllib.request.urlopen(f"http://127.0.0.1:{demo.env['DEMO_METRICS_PORT']}/metrics") as scrape:
+            assert b'fsrvpd_calls_total{operation="CommitShadowCopySet",result="S_OK"} 1.0' in scrape.read()
         assert demo.ctrl_c() == 0
 
         demo.start()

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from tests.support.daemon import ours_on_storage
+from tests.support.daemon import ours_after_cleanup, ours_on_storage
 
 pytestmark = [pytest.mark.zfs, pytest.mark.samba_client]
 
@@ -67,7 +67,7 @@ def test_read_only_cycle_serves_the_bytes_of_the_commit_and_leaves_nothing(daemo
     assert "marked recovery complete" in daemon.rpcclient(f"fss_recovery_complete {set_id}")
 
     delete(daemon, set_id, copies)
-    assert ours_on_storage(daemon.pool) == []
+    assert ours_after_cleanup(daemon.pool) == []
     assert "NT_STATUS_BAD_NETWORK_NAME" in daemon.smbclient(share, "ls")
     assert "does not have an associated shadow-copy" in daemon.rpcclient("fss_has_shadow_copy vms")
 
@@ -86,7 +86,7 @@ def test_auto_recovery_snapshot_is_writable_until_recovery_complete(daemon, tmp_
     assert "late.txt" not in daemon.smbclient(share, "ls")
 
     delete(daemon, set_id, copies)
-    assert ours_on_storage(daemon.pool) == []
+    assert ours_after_cleanup(daemon.pool) == []
 
 
 def test_one_set_snapshots_several_shares(daemon):
@@ -98,7 +98,7 @@ def test_one_set_snapshots_several_shares(daemon):
     snapshots = [name for name in ours_on_storage(daemon.pool) if "@" in name]
     assert sorted(snapshots) == sorted(f"{daemon.datasets[s]}@fsrvpd-{set_id}" for s in ("vms", "sql"))
     delete(daemon, set_id, copies)
-    assert ours_on_storage(daemon.pool) == []
+    assert ours_after_cleanup(daemon.pool) == []
 
 
 def test_refusals_reach_rpcclient_with_the_spec_codes(daemon):

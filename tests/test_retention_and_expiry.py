@@ -2,7 +2,7 @@
 
 The daemon process keeps a completed backup's snapshot after DeleteShareMapping and prunes by
 count; the in-process daemon (same wiring) shows pruning by age with a moved clock, the admin API
-(list, remove), the reaping counter the metrics read, and the withdrawal of a share nobody owns.
+(list, remove), the metrics of reaping and pruning, and the withdrawal of a share nobody owns.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def test_retention_by_age_and_the_admin_api(in_process):
     daemon.days_later(3)  # the first backup is 8 days old now
     daemon.run(service.reconcile())
     assert [r.copy_id for r in service.retained_copies()] == [new_copy]
-    assert service.counters["retained_pruned"] == 1
+    assert daemon.metric("fsrvpd_retained_pruned_total") == 1
     assert sorted(ours_on_storage(daemon.pool)) == sorted([snapshot_name(recovered), clone_name(recovered)])
     with pytest.raises(KeyError):
         daemon.run(service.remove_retained(old_copy))
@@ -138,9 +138,10 @@ def test_reaping_counts_for_the_metrics_and_unowned_snapshot_shares_are_withdraw
     rogue = "sql@{00000000-0000-4000-8000-000000000001}"
     daemon.run(service.front_door.publish_share(ShareSpec(rogue, daemon.paths["sql"], read_only=True)))
     daemon.run(service.reconcile())
-    assert rogue not in service.front_door.share_names() and service.counters["shares_withdrawn"] == 1
+    assert rogue not in service.front_door.share_names()
+    assert daemon.metric("fsrvpd_repairs_total", repair="share_withdrawn") == 1
     assert mapping.copy_id and f"sql@{{{mapping.copy_id}}}" in service.front_door.share_names()
     daemon.days_later(1)
     daemon.run(service.tick())
-    assert service.counters["sets_reaped"] == 1
+    assert daemon.metric("fsrvpd_exposure_ttl_reaped_sets_total") == 1
     assert service.machine.sets == {} and ours_on_storage(daemon.pool) == []

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from fsrvpd.constants import ATTR_AUTO_RECOVERY, Context
-from fsrvpd.state import SNAPSHOT_SHARE, ShadowCopyMachine, Status, exposed_share_name
+from fsrvpd.state import ShadowCopyMachine, Status
 
 STORE = {"backend": "zfs", "name": "tank/vms", "group": "tank", "mountpoint": "/tank/vms"}
 TTL = 3600.0
@@ -103,12 +103,3 @@ def test_exposure_time_survives_a_restart():
     reloaded.restore([scs.to_dict()], machine.globals_record())
     assert reloaded.sets[scs.set_id].exposed_at == 42.0
     assert reloaded.reap(42.0 + TTL, TTL)[0].set_id == scs.set_id
-
-
-def test_snapshot_share_names_are_recognised():
-    copy_id = uuid.uuid4()
-    assert SNAPSHOT_SHARE.fullmatch(exposed_share_name("vms", copy_id))
-    assert SNAPSHOT_SHARE.fullmatch(exposed_share_name("admin$", copy_id))
-    assert SNAPSHOT_SHARE.fullmatch(exposed_share_name("vms", copy_id).upper())
-    assert not SNAPSHOT_SHARE.fullmatch("vms")
-    assert not SNAPSHOT_SHARE.fullmatch("vms@{not-a-guid}")

@@ -20,6 +20,11 @@ class Caller:
     user: str
     domain: str
     address: str  # the client's IP address, for SetContext's same-client rule
+    sids: frozenset[str] = frozenset()  # the session token's SIDs, where the front door knows them (Samba)
+
+
+class FrontDoorError(Exception):
+    """Publishing or withdrawing a share failed (e.g. a Samba tool failed); the message says why."""
 
 
 PipeHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, Caller], Awaitable[None]]
@@ -33,10 +38,15 @@ class ShareSpec:
     path: str
     read_only: bool
     comment: str = ""
+    base: str | None = None  # for a snapshot share: the share it is a copy of (Samba copies its settings)
 
 
 class FrontDoor(abc.ABC):
     """Serves the FSRVP pipe and the shares; one instance per daemon."""
+
+    # True: the daemon publishes the configured base shares here too.  False: another server (smbd)
+    # serves them and this door only takes the snapshot shares.
+    serves_base_shares = True
 
     @abc.abstractmethod
     async def start(self, handle_pipe: PipeHandler) -> None:

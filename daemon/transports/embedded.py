@@ -49,6 +49,7 @@ from impacket.nt_errors import (STATUS_ACCESS_DENIED, STATUS_BAD_NETWORK_NAME, S
 from impacket.smbserver import PIPE_FILE_DESCRIPTOR, SMBSERVER, SRVSServer, WKSTServer, normalize_path
 
 from ..constants import PIPE_NAME
+from ..observer import Observer
 from .base import Caller, FrontDoor, PipeHandler, ShareSpec
 
 log = logging.getLogger("fsrvpd.smb")
@@ -78,7 +79,7 @@ class EmbeddedFrontDoor(FrontDoor):
     """Serves SMB2 itself: the FSRVP pipe, srvsvc/wkssvc and the published shares."""
 
     def __init__(self, listen_address: str, port: int, users: dict[str, str], server_name: str,
-                 domain: str = "WORKGROUP"):
+                 domain: str = "WORKGROUP", observer: Observer | None = None):
         """`users` maps each account name to its NT hash in hex; names match case-insensitively."""
         for user, nt_hash in users.items():
             if not re.fullmatch(r"[0-9a-fA-F]{32}", nt_hash):
@@ -89,6 +90,7 @@ class EmbeddedFrontDoor(FrontDoor):
         self._accounts = {user.lower(): user for user in users}
         self._server_name = server_name
         self._domain = domain
+        self._observer = observer or Observer()
         self._shares: dict[str, ShareSpec] = {}
         self._config = self._build_config()
         self._server: _SmbServer | None = None
@@ -217,10 +219,12 @@ class EmbeddedFrontDoor(FrontDoor):
             connection["Authenticated"] = False  # impacket opens the door after the first leg
             return responses, packets, status
         smb_server.forget_challenge()
-        if status == STATUS_SUCCESS and (connection.get("user_name") or "").lower() in self._accounts:
+        if status == STATUS_SUCCESS and _logged_on_user(connection).lower() in self._accounts:
+            connection["user_name"] = _logged_on_user(connection)
             return responses, packets, status
         log.info("refused SMB logon from %s (unknown user, wrong password, guest or anonymous)",
                  connection["ClientIP"])
+        self._observer.caller_refused("logon")
         connection.update(Authenticated=False, SignatureEnabled=False, user_name="")
         return [smb2.SMB2Error()], None, STATUS_LOGON_FAILURE
 
@@ -352,7 +356,9 @@ class _SmbServer(SMBSERVER):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], config: configparser.ConfigParser):
-        super().__init__(address, config_parser=config, ipv6=":" in address[0])
+        # Set before TCPServer reads it: impacket 0.10 (Debian 12's) has no `ipv6` argument for this.
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, config_parser=config)
         self._connection_sockets: set[socket.socket] = set()
         self._connection_state = threading.local()  # impacket serves each connection in its own thread
         self.processConfigFile()
@@ -420,6 +426,14 @@ class _SmbServer(SMBSERVER):
                 [(client, socket.SHUT_RD) for client in list(self._connection_sockets)]:
             with contextlib.suppress(OSError):
                 sock.shutdown(how)
+
+
+def _logged_on_user(connection: dict) -> str:
+    """The account of the logon that just succeeded; impacket 0.10 (Debian 12's) keeps only the message."""
+    if connection.get("user_name"):
+        return connection["user_name"]
+    message = connection.get("AUTHENTICATE_MESSAGE")
+    return message["user_name"].decode("utf-16le") if message is not None else ""
 
 
 def _asks_to_modify(request) -> bool:

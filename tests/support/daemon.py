@@ -30,6 +30,7 @@ USER = PASSWORD = "backup"
 NETBIOS_NAME = "FSRVPTEST"
 START_SECONDS = 30.0
 STOP_SECONDS = 30.0
+CLEANUP_SECONDS = 60.0
 PEER_PACKAGES = {"rpcclient": "samba-common-bin", "smbclient": "smbclient"}
 
 __all__ = ["FsrvpDaemon", "daemon", "samba_clients", "free_port", "USER", "PASSWORD", "NETBIOS_NAME"]
@@ -60,6 +61,7 @@ class FsrvpDaemon:
         self.port = free_port()
         self.config_path = directory / "fsrvpd.yaml"
         self.log_path = directory / "fsrvpd.log"
+        self.admin_socket = str(directory / "admin.sock")
         self.paths: dict[str, str] = {}
         self.datasets: dict[str, str] = {}
         for share in shares:
@@ -73,17 +75,19 @@ class FsrvpDaemon:
             "timers": {"sequence_seconds": sequence_seconds, "sequence_long_seconds": sequence_long_seconds},
             "shares": {share: {"path": path, "backend": "zfs"} for share, path in self.paths.items()},
             "logging": {"level": "debug"},
+            "admin": {"socket": self.admin_socket},
         }
-        self.env: dict[str, str] = {}  # extra environment, e.g. FSRVPD_CRASH_AT or a PATH with wrappers
         self.process: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}  # added to the daemon's environment, e.g. FSRVPD_CRASH_AT or PATH
+        self.wrapper: list[str] = []  # a command that runs the daemon's command line given as its arguments
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> FsrvpDaemon:
         self.config_path.write_text(yaml.safe_dump(self.config))
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "fsrvpd", "run", "-c", str(self.config_path)],
-                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                        env={**os.environ, **self.env})
+        self.process = subprocess.Popen([*self.wrapper, sys.executable, "-m", "fsrvpd", "run", "-c",
+                                         str(self.config_path)], stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True, env={**os.environ, **self.env})
         log.close()
         deadline = time.monotonic() + START_SECONDS
         while not self._listening():
@@ -139,6 +143,11 @@ class FsrvpDaemon:
                                f"//127.0.0.1/{share}", "-c", command], capture_output=True, text=True, timeout=120)
         return proc.stdout + proc.stderr
 
+    def ctl(self, *args: str) -> subprocess.CompletedProcess:
+        """fsrvpctl against this daemon's admin socket."""
+        return subprocess.run([sys.executable, "-m", "fsrvpd.ctl", "-s", self.admin_socket, *args],
+                              capture_output=True, text=True, timeout=120)
+
     def client(self, port: int | None = None, **kwargs) -> FsrvpClient:
         """Our own client, connected (to `port`, e.g. a relay's, or the daemon's); host names in UNCs are
         the NetBIOS name unless told otherwise."""
@@ -172,16 +181,30 @@ def ours_on_storage(pool: FilePool) -> list[str]:
     return [name for name in listing if "fsrvpd-" in name]
 
 
+def ours_after_cleanup(pool: FilePool, seconds: float = CLEANUP_SECONDS) -> list[str]:
+    """What of ours is still on storage once the daemon has had time to finish removing it.
+
+    A clone smbd or a slow client still holds is busy for a moment; the daemon retries its removal
+    within seconds rather than failing the call, so tests wait for it (generously: CI machines are slow)."""
+    deadline = time.monotonic() + seconds
+    while (left := ours_on_storage(pool)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
 @pytest.fixture(scope="session")
 def samba_clients():
     ensure_samba_clients()
 
 
 @pytest.fixture
-def daemon(zfs_pool, tmp_path, samba_clients):
-    """A running fsrvpd on a fresh pool with shares vms and sql; stopped (cleanly) afterwards."""
+def daemon(request, zfs_pool, tmp_path, samba_clients):
+    """A running fsrvpd on a fresh pool with shares vms and sql; stopped (cleanly) afterwards.
+
+    The daemon's log is printed when the test failed or the daemon did not exit cleanly."""
     running = FsrvpDaemon(zfs_pool, tmp_path).start()
     yield running
     status = running.stop()
-    if status not in (0, None):
-        print(running.log())
+    report = getattr(request.node, "report_call", None)
+    if status not in (0, None) or (report is not None and report.failed):
+        print(f"--- fsrvpd log ({running.log_path}) ---\n{running.log()}")

@@ -1,7 +1,8 @@
-"""fsrvpd in the test's own process, wired exactly as `fsrvpd run` wires it (cli.start_daemon):
-real ZFS backend, real embedded SMB server on a loopback port, real SQLite state.  Tests use it
-where they must reach inside: the service's counters, the retention admin API, a clock they move.
-Clients still talk to it over SMB (`client()`), like to the daemon process.
+"""fsrvpd in the test's own process, wired exactly as `fsrvpd run` wires it (cli.build, then
+Supervisor.open): real ZFS backend, real embedded SMB server on a loopback port, real SQLite
+state, real metrics.  Tests use it where they must reach inside: the metrics the service reports,
+the retention admin API, a clock they move.  Clients still talk to it over SMB (`client()`), like
+to the daemon process.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from fsrvpd.cli import start_daemon
+from fsrvpd.cli import build
 from fsrvpd.client import FsrvpClient
 from fsrvpd.config import parse
 from tests.support.daemon import NETBIOS_NAME, PASSWORD, USER, FsrvpDaemon
@@ -36,8 +37,14 @@ class InProcessFsrvpd:
     def start(self) -> InProcessFsrvpd:
         self.thread.start()
         config = parse(yaml.safe_dump(self.config), "in-process")
-        self.service = self.run(start_daemon(config, clock=lambda: time.time() + self.clock_offset))
+        supervisor = build(config, clock=lambda: time.time() + self.clock_offset)
+        self.run(supervisor.open())
+        self.service = supervisor.service
         return self
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """A sample of the metrics the service reported (to its observer, metrics.Metrics)."""
+        return self.service.observer.registry.get_sample_value(name, labels)
 
     def stop(self) -> None:
         if self.service is not None:
