@@ -45,6 +45,7 @@ POINTS = (
     "expire.intent",              # the sequence timer's deletions recorded, storage still there
     "reap.intent",                # the exposure TTL's deletions recorded, storage still there
     "reconcile.repair",           # start-up reconciliation half-way through its repairs
+    "reload.shares_synced",       # SIGHUP: base shares of the new configuration published, settings not applied
 )
 
 

@@ -24,6 +24,7 @@ import time
 from . import __version__
 from .admin import AdminCommands, AdminServer
 from .config import Config, ConfigError, ShareConfig, load
+from .crashpoints import crash_point
 from .metrics import Metrics
 from .rpcserver import serve_pipe
 from .runner import CommandRunner
@@ -137,6 +138,7 @@ class Supervisor:
                     new = dataclasses.replace(new, aliases=old.aliases, shares=old.shares)
                 async with self.service.lock:
                     await self._sync_shares(old.shares, new.shares)
+                    crash_point("reload.shares_synced")
                     self.service.reconfigure(new)
                 ok, message = True, f"shares: {', '.join(s.name for s in new.shares.values()) or 'none'}"
                 log.info("configuration reloaded from %s; %s", new.source, message)

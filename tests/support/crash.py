@@ -18,6 +18,8 @@ import time
 import uuid
 from typing import Callable
 
+import yaml
+
 from fsrvpd.client import FsrvpClient
 from fsrvpd.constants import ATTR_AUTO_RECOVERY
 from fsrvpd.crashpoints import ENVIRONMENT_VARIABLE
@@ -69,6 +71,7 @@ KILL_CASES = [
     KillCase("delete.intent", "retention", "Recovered", copies=1, retained=1),
     KillCase("prune.intent", "retention", "Recovered", copies=1, retained=1),
     KillCase("reconcile.repair", "startup", "Added"),  # killed again while repairing commit.snapshotted
+    KillCase("reload.shares_synced", "reload", "Exposed"),  # SIGHUP with a new share and a retention policy
 ]
 
 
@@ -131,7 +134,18 @@ def _flow_steps(flow: str, daemon: FsrvpDaemon, client: FsrvpClient) -> list[Cal
         return Backup(daemon, client).steps(until="recovery complete") + [_waiting(daemon)]
     if flow == "retention":  # keep_last 1 for vms: the second backup's DeleteShareMapping prunes the first's
         return Backup(daemon, client).steps() + Backup(daemon, client).steps()
+    if flow == "reload":
+        return Backup(daemon, client).steps(until="map sql") + [lambda: reload_changed(daemon), _waiting(daemon)]
     raise ValueError(flow)
+
+
+def reload_changed(daemon: FsrvpDaemon) -> None:
+    """A new share and a retention policy in the file, then SIGHUP (the restart reads the file too)."""
+    daemon.datasets["db"], daemon.paths["db"] = daemon.pool.dataset("db")
+    daemon.config["shares"]["db"] = {"path": daemon.paths["db"], "backend": "zfs"}
+    daemon.config["shares"]["vms"]["retention"] = {"keep_last": 1}
+    daemon.config_path.write_text(yaml.safe_dump(daemon.config))
+    daemon.process.send_signal(signal.SIGHUP)
 
 
 def configure(daemon: FsrvpDaemon, flow: str) -> None:
@@ -235,7 +249,10 @@ def run_kill_case(daemon: FsrvpDaemon, case: KillCase) -> None:
         full_cycle(client)
     assert problems(daemon) == []
     left = ours_on_storage(daemon.pool)
-    assert len(left) == (2 if case.flow == "retention" else 0), left  # vms's newest retained copy
+    assert len(left) == (2 if case.flow in ("retention", "reload") else 0), left  # vms's newest retained copy
+    if case.flow == "reload":
+        with daemon.client() as client:
+            assert client.is_path_supported("db")[0]  # the new share of the reloaded file
 
 
 def wait_until(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
