@@ -536,9 +536,11 @@ class FsrvpService(Reconciliation):
         return sorted(self.retained.values(), key=lambda r: (r.created_at, str(r.copy_id)))
 
     async def remove_retained(self, copy_id: uuid.UUID) -> RetainedCopy:
-        """Delete one retained copy now, storage and all; KeyError if there is no such copy."""
+        """Delete one retained copy now, storage and all (Refused if there is no such copy)."""
         async with self.lock:
-            doomed = self.retained[copy_id]
+            doomed = self.retained.get(copy_id)
+            if doomed is None:
+                raise Refused(HResult.FSRVP_E_OBJECT_NOT_FOUND, f"no retained copy {copy_id}")
             log.info("retained copy %s of %s (from %s) removed on request", copy_id, doomed.share,
                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(doomed.created_at)))
             await self._unretain([doomed])

@@ -7,6 +7,7 @@ count; the in-process daemon (same wiring) shows pruning by age with a moved clo
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -15,6 +16,7 @@ import pytest
 from fsrvpd.backends.base import ShadowCopyRef
 from fsrvpd.backends.zfs import clone_name, snapshot_name
 from fsrvpd.constants import ATTR_AUTO_RECOVERY, Context
+from fsrvpd.state import Refused
 from fsrvpd.transports.base import ShareSpec
 from tests.support.consistency import accepts_writes, problems
 from tests.support.crash import wait_until
@@ -57,6 +59,12 @@ def test_retention_keeps_the_newest_backups_snapshots_and_prunes_older_ones(zfs_
         daemon.restart()  # retained copies are durable state
         assert sorted(ours_on_storage(zfs_pool)) == sorted(kept) and problems(daemon) == []
         assert [body["share"] for body in daemon.state()[1]] == ["vms", "vms"]
+        listed = daemon.ctl("--json", "retained")  # the admin's view, and removal
+        oldest = json.loads(listed.stdout)[0]
+        assert listed.returncode == 0 and oldest["share"] == "vms" and f"fsrvpd-{oldest['set_id']}" in kept[0]
+        assert "removed" in daemon.ctl("unretain", oldest["copy_id"]).stdout
+        assert ours_on_storage(zfs_pool) == kept[1:] and problems(daemon) == []
+        print(daemon.ctl("retained").stdout)
     finally:
         daemon.stop()
 
@@ -123,7 +131,7 @@ def test_retention_by_age_and_the_admin_api(in_process):
     assert [r.copy_id for r in service.retained_copies()] == [new_copy]
     assert daemon.metric("fsrvpd_retained_pruned_total") == 1
     assert sorted(ours_on_storage(daemon.pool)) == sorted([snapshot_name(recovered), clone_name(recovered)])
-    with pytest.raises(KeyError):
+    with pytest.raises(Refused):
         daemon.run(service.remove_retained(old_copy))
     assert daemon.run(service.remove_retained(new_copy)).copy_id == new_copy
     assert service.retained_copies() == [] and ours_on_storage(daemon.pool) == []
