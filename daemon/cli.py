@@ -9,10 +9,15 @@ import logging
 import os
 import stat
 import sys
+import time
+from typing import TYPE_CHECKING, Callable
 
 from . import __version__, logs
 from .config import Config, ConfigError, load
 from .hostnames import host_names_and_addresses
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
 
 DEFAULT_CONFIG = "/etc/fsrvpd/fsrvpd.yaml"
 EXIT_CONFIG = 2
@@ -29,6 +34,11 @@ def nt_hash(password: str) -> str:
 
 async def serve(config: Config, log_destination: str = "stderr") -> None:
     """Build the daemon from its parts and run it until SIGINT/SIGTERM (see supervisor.py)."""
+    await build(config, log_destination).run()
+
+
+def build(config: Config, log_destination: str = "stderr", clock: Callable[[], float] = time.time) -> Supervisor:
+    """The daemon's parts wired together, not started (tests move `clock`)."""
     from .backends.lvm import LvmBackend, SnapshotSize
     from .backends.zfs import ZfsBackend
     from .metrics import Metrics
@@ -52,9 +62,9 @@ async def serve(config: Config, log_destination: str = "stderr") -> None:
     backends = {"zfs": ZfsBackend(runner, config.mount_root, config.command_timeout),
                 "lvm": LvmBackend(runner, config.mount_root, config.command_timeout, snapshot_size)}
     store = StateStore(config.state_dir)
-    service = FsrvpService(config, store, backends, front_door, extra_host_names=host_names_and_addresses(),
-                           observer=metrics, share_lookup=share_lookup)
-    await Supervisor(service, front_door, runner, metrics, log_destination).run()
+    service = FsrvpService(config, store, backends, front_door, clock=clock,
+                           extra_host_names=host_names_and_addresses(), observer=metrics, share_lookup=share_lookup)
+    return Supervisor(service, front_door, runner, metrics, log_destination)
 
 
 def _embedded_front_door(config: Config, metrics):

@@ -6,11 +6,13 @@ Tests and benchmarks drive the daemon with it.  It sends exactly the bytes messa
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from typing import Any
 
-from impacket import hresult_errors
+from impacket import hresult_errors, smbconnection
+from impacket.nmb import NetBIOSError
 from impacket.dcerpc.v5 import rpcrt, transport
 from impacket.uuid import uuidtup_to_bin
 
@@ -100,9 +102,11 @@ class FsrvpClient:
         self._dce = dce
 
     def close(self) -> None:
+        """Hang up; a connection the server already dropped (it crashed, say) is just forgotten."""
         if self._dce is not None:
             dce, self._dce = self._dce, None
-            dce.disconnect()
+            with contextlib.suppress(OSError, NetBIOSError, smbconnection.SessionError):
+                dce.disconnect()
 
     def __enter__(self) -> FsrvpClient:
         self.connect()

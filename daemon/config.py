@@ -16,6 +16,7 @@ import yaml
 
 from .backends.lvm import DEFAULT_SNAPSHOT_SIZE, SnapshotSize
 from .rpcauth import AuthLevel
+from .retention import RetentionPolicy
 
 DEFAULT_STATE_DIR = "/var/lib/fsrvpd"
 DEFAULT_ADMIN_SOCKET = "/run/fsrvpd/admin.sock"  # systemd's RuntimeDirectory=fsrvpd
@@ -51,6 +52,7 @@ class ShareConfig:
     store: str | None  # explicit dataset/volume; None = detect from the path
     comment: str
     snapshot_size: SnapshotSize | None = None  # classic (thick) LVM volumes only
+    retention: RetentionPolicy | None = None  # keep completed backups' snapshots after DeleteShareMapping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +83,8 @@ class Config:
     mount_root: str
     sequence_timeout: float
     sequence_timeout_long: float
-    sweep_interval: float
+    exposure_ttl: float  # non-persistent sets still exposed after this long are reaped; 0: never
+    reconcile_interval: float
     command_timeout: float
     shares: dict[str, ShareConfig]  # keyed by casefolded share name
     log_level: str
@@ -272,7 +275,8 @@ def parse(text: str, source: str = "<config>") -> Config:
     timers = top.section("timers")
     sequence_timeout = timers.number("sequence_seconds", 180, 1, 86400)
     sequence_timeout_long = timers.number("sequence_long_seconds", 1800, 1, 86400)
-    sweep_interval = timers.number("sweep_seconds", 60, 1, 3600)
+    exposure_ttl = timers.number("exposure_ttl_seconds", 86400, 0, 10 * 365 * 86400)
+    reconcile_interval = timers.number("reconcile_seconds", 60, 1, 86400)
     timers.finish()
 
     storage = top.section("storage")
@@ -296,6 +300,7 @@ def parse(text: str, source: str = "<config>") -> Config:
                              hint="VG/LV, like vg0/vms"),
             comment=share.text("comment", ""),
             snapshot_size=_snapshot_size(share) if backend == "lvm" else None,
+            retention=_retention(share),
         )
         share.finish()
 
@@ -333,9 +338,22 @@ def parse(text: str, source: str = "<config>") -> Config:
                   listen=listen, port=port, smb_conf=smb_conf, domain=domain, users=users, state_dir=state_dir,
                   mount_root=mount_root,
                   sequence_timeout=sequence_timeout, sequence_timeout_long=sequence_timeout_long,
-                  sweep_interval=sweep_interval, command_timeout=command_timeout, shares=shares,
-                  log_level=log_level, metrics_listen=metrics_listen, metrics_port=metrics_port,
+                  exposure_ttl=exposure_ttl, reconcile_interval=reconcile_interval, command_timeout=command_timeout,
+                  shares=shares, log_level=log_level, metrics_listen=metrics_listen, metrics_port=metrics_port,
                   admin_socket=admin_socket, allowed=allowed, min_auth_level=min_auth_level, limits=limits)
+
+
+def _retention(share: _Section) -> RetentionPolicy | None:
+    """`retention:` with keep_last, keep_days or both; absent: nothing is kept after DeleteShareMapping."""
+    if "retention" not in share.items:
+        return None
+    section = share.section("retention")
+    keep_last = section.number("keep_last", None, 1, 1_000_000, integer=True)
+    keep_days = section.number("keep_days", None, 0.001, 36500)
+    section.finish()
+    if keep_last is None and keep_days is None:
+        raise share.error("retention", "needs keep_last, keep_days or both")
+    return RetentionPolicy(keep_last=None if keep_last is None else int(keep_last), keep_days=keep_days)
 
 
 def _limits(section: _Section) -> Limits:

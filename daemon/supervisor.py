@@ -24,6 +24,7 @@ import time
 from . import __version__
 from .admin import AdminCommands, AdminServer
 from .config import Config, ConfigError, ShareConfig, load
+from .crashpoints import crash_point
 from .metrics import Metrics
 from .rpcserver import ClientLimits, PipeSettings, serve_pipe
 from .runner import CommandRunner
@@ -63,10 +64,7 @@ class Supervisor:
 
     async def run(self) -> None:
         config = self.config
-        await self.service.start()
-        await self._sync_shares({}, config.shares)
-        await self.front_door.start(lambda reader, writer, caller: serve_pipe(self.service, reader, writer, caller,
-                                                                              self.pipe_settings, self.clients))
+        await self.open()
         admin = AdminServer(config.admin_socket, AdminCommands(self))
         try:
             await admin.start()
@@ -76,6 +74,13 @@ class Supervisor:
             await self._serve_until_stopped()
         finally:
             await self._stop(admin)
+
+    async def open(self) -> None:
+        """The state reloaded and reconciled, the base shares published, the front door serving."""
+        await self.service.start()
+        await self._sync_shares({}, self.config.shares)
+        await self.front_door.start(lambda reader, writer, caller: serve_pipe(self.service, reader, writer, caller,
+                                                                              self.pipe_settings, self.clients))
 
     async def _serve_until_stopped(self) -> None:
         config = self.config
@@ -137,6 +142,7 @@ class Supervisor:
                     new = dataclasses.replace(new, aliases=old.aliases, shares=old.shares)
                 async with self.service.lock:
                     await self._sync_shares(old.shares, new.shares)
+                    crash_point("reload.shares_synced")
                     self.service.reconfigure(new)
                     self.pipe_settings = PipeSettings.from_config(new)  # rpc.min_auth_level applies to new calls
                 ok, message = True, f"shares: {', '.join(s.name for s in new.shares.values()) or 'none'}"

@@ -18,7 +18,7 @@ import pytest
 
 from fsrvpd import messages as m
 from fsrvpd.client import FsrvpError, RpcFault
-from fsrvpd.constants import ATTR_AUTO_RECOVERY, HResult
+from fsrvpd.constants import ATTR_AUTO_RECOVERY, Context, HResult
 from fsrvpd.dcerpc import NCA_S_FAULT_NDR, NCA_S_OP_RNG_ERROR
 from tests.support.daemon import NETBIOS_NAME, FsrvpDaemon, RawPipe, ours_after_cleanup, ours_on_storage
 
@@ -248,11 +248,13 @@ def test_restarted_daemon_reloads_its_sets_and_republishes_their_shares(daemon, 
     assert ours_after_cleanup(daemon.pool) == []
 
 
-def test_sequence_timer_removes_an_abandoned_set_with_its_snapshots(zfs_pool, tmp_path, samba_clients):
+@pytest.mark.parametrize("context", [Context.BACKUP, Context.NAS_ROLLBACK], ids=["backup", "persistent"])
+def test_sequence_timer_removes_an_abandoned_set_with_its_snapshots(zfs_pool, tmp_path, samba_clients, context):
+    """A persistent context does not save a set that was never recovered (MS-FSRVP 3.1.5)."""
     daemon = FsrvpDaemon(zfs_pool, tmp_path, shares=("vms",), sequence_seconds=2, sequence_long_seconds=4).start()
     try:
         with daemon.client() as client:
-            set_id, (copy_id,) = exposed_set(client, "vms")
+            set_id, (copy_id,) = exposed_set(client, "vms", context=context)
             assert ours_on_storage(zfs_pool)
             assert ours_after_cleanup(zfs_pool) == []  # the timer fires after 2 s
             with pytest.raises(FsrvpError) as gone:

@@ -8,10 +8,12 @@ test on a fresh pool, with shares `vms` and `sql`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -79,7 +81,7 @@ class FsrvpDaemon:
             "admin": {"socket": self.admin_socket},
         }
         self.process: subprocess.Popen | None = None
-        self.env: dict[str, str] = {}  # added to the daemon's environment
+        self.env: dict[str, str] = {}  # added to the daemon's environment, e.g. FSRVPD_CRASH_AT or PATH
         self.config_mode = 0o600  # the configuration holds NT hashes
         self.wrapper: list[str] = []  # a command that runs the daemon's command line given as its arguments
 
@@ -123,6 +125,13 @@ class FsrvpDaemon:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
+    def wait_for_exit(self, timeout: float = STOP_SECONDS) -> int:
+        """Wait for a daemon that is dying on its own (e.g. at a crash point); its exit status."""
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            self.process = None
+
     def restart(self) -> FsrvpDaemon:
         self.stop()
         return self.start()
@@ -157,12 +166,30 @@ class FsrvpDaemon:
         return subprocess.run([sys.executable, "-m", "fsrvpd.ctl", "-s", self.admin_socket, *args],
                               capture_output=True, text=True, timeout=120)
 
-    def client(self, **kwargs) -> FsrvpClient:
-        """Our own client, connected; host names in UNCs are the NetBIOS name unless told otherwise."""
-        client = FsrvpClient("127.0.0.1", self.port, USER, PASSWORD, server_name=kwargs.pop("server_name", NETBIOS_NAME),
-                             timeout=60, **kwargs)
+    def client(self, port: int | None = None, **kwargs) -> FsrvpClient:
+        """Our own client, connected (to `port`, e.g. a relay's, or the daemon's); host names in UNCs are
+        the NetBIOS name unless told otherwise."""
+        client = FsrvpClient("127.0.0.1", port or self.port, USER, PASSWORD,
+                             server_name=kwargs.pop("server_name", NETBIOS_NAME), timeout=60, **kwargs)
         client.connect()
         return client
+
+
+    # -- what the daemon holds ---------------------------------------------------------------
+    def state(self) -> tuple[list[dict], list[dict]]:
+        """The shadow copy sets and retained copies in the daemon's durable state, as stored."""
+        with sqlite3.connect(Path(self.config["state_dir"]) / "state.sqlite3") as db:
+            return tuple([json.loads(body) for (body,) in db.execute(f"SELECT body FROM {table}")]
+                         for table in ("shadow_copy_sets", "retained_copies"))
+
+    def published_shares(self) -> set[str]:
+        """The disk shares the daemon's SMB server lists (srvsvc NetShareEnum, through smbclient -L)."""
+        proc = subprocess.run(["smbclient", "-g", "-L", "//127.0.0.1", "-p", str(self.port), "-U",
+                               f"{USER}%{PASSWORD}"], capture_output=True, text=True, timeout=120)
+        shares = {line.split("|")[1] for line in proc.stdout.splitlines() if line.startswith("Disk|")}
+        if not shares:
+            raise RuntimeError(f"smbclient -L listed no shares:\n{proc.stdout}{proc.stderr}")
+        return shares
 
 
 class RawPipe:
