@@ -92,6 +92,8 @@ class Config:
     metrics_port: int | None  # None: no metrics endpoint
     admin_socket: str
     allowed: tuple[str, ...] = ()  # SIDs and account names allowed to change state, besides the built-in groups
+    allowed_clients: tuple[str, ...] = ()  # IP networks callers must come from; empty: any
+    open_queries: bool = False  # the three read-only queries for any authenticated caller
     min_auth_level: AuthLevel = AuthLevel.PKT_INTEGRITY
     limits: Limits = Limits()
 
@@ -171,6 +173,25 @@ class _Section:
         except ValueError:
             raise self.error(key, f"{value!r} is not an IP address") from None
         return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        node = self._scalar(key, False)
+        if node is None:
+            return default
+        value = yaml.safe_load(node.value) if node.tag.endswith(":bool") else node.value
+        if not isinstance(value, bool):
+            raise self.error(key, f"{node.value!r} must be true or false")
+        return value
+
+    def networks(self, key: str) -> tuple[str, ...]:
+        """IP addresses or networks (CIDR), checked and normalised."""
+        networks = []
+        for value in self.text_list(key):
+            try:
+                networks.append(str(ipaddress.ip_network(value, strict=False)))
+            except ValueError:
+                raise self.error(key, f"{value!r} is not an IP address or network") from None
+        return tuple(networks)
 
     def number(self, key: str, default: float | None, minimum: float, maximum: float,
                integer: bool = False) -> float | None:
@@ -306,6 +327,8 @@ def parse(text: str, source: str = "<config>") -> Config:
 
     authorization = top.section("authorization")
     allowed = authorization.text_list("allow")
+    allowed_clients = authorization.networks("clients")
+    open_queries = authorization.flag("open_queries", False)
     authorization.finish()
 
     rpc = top.section("rpc")
@@ -340,7 +363,8 @@ def parse(text: str, source: str = "<config>") -> Config:
                   sequence_timeout=sequence_timeout, sequence_timeout_long=sequence_timeout_long,
                   exposure_ttl=exposure_ttl, reconcile_interval=reconcile_interval, command_timeout=command_timeout,
                   shares=shares, log_level=log_level, metrics_listen=metrics_listen, metrics_port=metrics_port,
-                  admin_socket=admin_socket, allowed=allowed, min_auth_level=min_auth_level, limits=limits)
+                  admin_socket=admin_socket, allowed=allowed, allowed_clients=allowed_clients,
+                  open_queries=open_queries, min_auth_level=min_auth_level, limits=limits)
 
 
 def _retention(share: _Section) -> RetentionPolicy | None:

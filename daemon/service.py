@@ -25,7 +25,7 @@ import uuid
 from typing import Awaitable, Callable, Iterable, Sequence
 
 from . import messages as m
-from .authz import Authorizer, changes_state
+from .authz import Authorizer
 from .backends.base import Backend, BackendError, FileStore, NotSupported, ShadowCopyRef
 from .config import Config, ShareConfig
 from .constants import FSRVP_MAX_VERSION, FSRVP_MIN_VERSION, HResult
@@ -40,6 +40,7 @@ from .transports.base import Caller, FrontDoor, FrontDoorError, ShareSpec
 from .unc import BadUnc, parse_unc
 
 log = logging.getLogger("fsrvpd.service")
+audit = logging.getLogger("fsrvpd.audit")
 
 RETRY_REMOVAL_SECONDS = 5.0  # storage that was busy when it should have gone is tried again this soon
 GLOBALS_KEY = "globals"
@@ -47,6 +48,18 @@ GLOBALS_KEY = "globals"
 
 def copy_ref(scs: ShadowCopySet, copy: ShadowCopy) -> ShadowCopyRef:
     return ShadowCopyRef.of(scs.set_id, copy.copy_id, copy.store, copy.source)
+
+
+def _audit(caller: Caller, request, decision, result: int) -> None:
+    """One line per call: who (SMB session and RPC principal), from where, what, on which share,
+    whether authorization let it through and why, and the HRESULT it got."""
+    principal = caller.rpc_principal or "-"
+    share = getattr(request, "share_name", "-") or "-"
+    level = logging.INFO if decision.allowed else logging.WARNING
+    audit.log(level, "%s by %s (rpc %s) from %s share=%s authz=%s (%s) result=%#010x",
+              type(request).__name__.removesuffix("Request"), f"{caller.domain}\\{caller.user}", principal,
+              caller.address, share, "allowed" if decision.allowed else "denied", decision.why, result,
+              extra={HRESULT_FIELD: f"{result:#010x}"})
 
 
 def _who(caller: Caller) -> str:
@@ -65,7 +78,8 @@ class FsrvpService(Reconciliation):
                  share_lookup: Callable[[str], ShareConfig | None] | None = None):
         """`share_lookup` finds a base share by name (default: the configuration's shares; Samba's in
         samba mode, where smbd serves them)."""
-        self.authorizer = authorizer or Authorizer([*config.users, *config.allowed])
+        self.authorizer = authorizer or Authorizer([*config.users, *config.allowed], config.allowed_clients,
+                                                   config.open_queries)
         self._share_lookup = share_lookup
         self.store = store
         self.backends = backends
@@ -183,16 +197,18 @@ class FsrvpService(Reconciliation):
     async def handle(self, request, caller: Caller):
         """Answer one decoded request; refusals become HRESULTs, never exceptions."""
         handler = self.handlers[type(request)]
-        if changes_state(request) and not self.authorizer.allows(caller):
-            log.warning("%s from %s refused: E_ACCESSDENIED (not in Administrators, Backup Operators or the "
-                        "configured allow list)", type(request).__name__.removesuffix("Request"), _who(caller))
-            return m.failure_response(request, int(HResult.E_ACCESSDENIED))
-        try:
-            return await handler(request, caller)
-        except Refused as refused:
-            log.info("%s from %s refused: %s", type(request).__name__.removesuffix("Request"), _who(caller), refused,
-                     extra={HRESULT_FIELD: f"{int(refused.result):#010x}"})
-            return m.failure_response(request, int(refused.result))
+        decision = self.authorizer.decide(caller, request)
+        if not decision.allowed:
+            response = m.failure_response(request, int(HResult.E_ACCESSDENIED))
+        else:
+            try:
+                response = await handler(request, caller)
+            except Refused as refused:
+                log.info("%s from %s refused: %s", type(request).__name__.removesuffix("Request"), _who(caller),
+                         refused, extra={HRESULT_FIELD: f"{int(refused.result):#010x}"})
+                response = m.failure_response(request, int(refused.result))
+        _audit(caller, request, decision, response.result)
+        return response
 
     def _persist(self, *changed: ShadowCopySet, deleted: Sequence[ShadowCopySet] = (),
                  removed: Sequence[tuple[ShadowCopySet, ShadowCopy]] = (), retained: Sequence[RetainedCopy] = (),
