@@ -20,11 +20,13 @@ class NotSupported(Exception):
 
 
 class BackendError(Exception):
-    """A storage operation failed; `out_of_space` tells a full pool/VG apart from other failures."""
+    """A storage operation failed; `out_of_space` (a full pool/VG) and `missing` (an object that
+    should be there is gone) tell the failures the daemon answers differently apart from the rest."""
 
-    def __init__(self, message: str, out_of_space: bool = False):
+    def __init__(self, message: str, out_of_space: bool = False, missing: bool = False):
         super().__init__(message)
         self.out_of_space = out_of_space
+        self.missing = missing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,12 +54,24 @@ class ShadowCopyRef:
     # the backend exposes it but never removes it, it is not fsrvpd's.
     source: str | None = None
 
+    @classmethod
+    def of(cls, set_id: uuid.UUID, copy_id: uuid.UUID, store: dict, source: str | None = None) -> ShadowCopyRef:
+        """From the durable state, which keeps the store as a plain dictionary."""
+        return cls(set_id=set_id, copy_id=copy_id, store=FileStore(**store), source=source)
+
+
+SNAPSHOT = "snapshot"
+
 
 @dataclasses.dataclass(frozen=True)
 class OwnedObject:
-    """Something on storage that carries fsrvpd's ownership tags (found at start-up reconciliation)."""
+    """Something on storage that carries fsrvpd's ownership tags (found by reconciliation).
 
-    kind: str  # "snapshot", "clone", "mount", ...
+    Kind "snapshot" is a copy's snapshot; every other kind ("clone", "mount", ...) is part of its
+    exposure, which exists only while the copy is exposed (or retained with its exposure).
+    """
+
+    kind: str  # SNAPSHOT, "clone", "mount", ...
     name: str
     set_id: uuid.UUID
     copy_id: uuid.UUID | None

@@ -40,7 +40,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
-from fsrvpd.backends.base import Backend, BackendError, FileStore, NotSupported, OwnedObject, ShadowCopyRef
+from fsrvpd.backends.base import SNAPSHOT, Backend, BackendError, FileStore, NotSupported, OwnedObject, ShadowCopyRef
 from fsrvpd.backends.host import Mount, StorageCommandError, is_below, read_mounts, remove_empty_directory, retry_while_busy
 from fsrvpd.runner import CommandFailed, CommandRunner
 
@@ -157,11 +157,11 @@ def common_ancestor(datasets: Iterable[str]) -> str:
 
 @contextlib.contextmanager
 def _failing_as(action: str) -> Iterator[None]:
-    """Report a zfs failure to the daemon as BackendError, keeping its out-of-space flag."""
+    """Report a zfs failure to the daemon as BackendError, keeping its out-of-space and missing flags."""
     try:
         yield
     except ZfsError as exc:
-        raise BackendError(f"{action}: {exc}", out_of_space=exc.out_of_space) from exc
+        raise BackendError(f"{action}: {exc}", out_of_space=exc.out_of_space, missing=exc.missing) from exc
 
 
 class ZfsBackend(Backend):
@@ -245,7 +245,8 @@ class ZfsBackend(Backend):
         except ZfsError as exc:
             for (_, set_id), members in groups.items():
                 self._discard_snapshots(set_id, [copy.store.name for copy in members])
-            raise BackendError(f"taking the snapshots failed: {exc}", out_of_space=exc.out_of_space) from exc
+            raise BackendError(f"taking the snapshots failed: {exc}", out_of_space=exc.out_of_space,
+                               missing=exc.missing) from exc
 
     def _snapshots_directly(self, datasets: list[str]) -> bool:
         """Whether one call can name every dataset, or (zfs-fuse) must recurse from their ancestor."""
@@ -286,11 +287,13 @@ class ZfsBackend(Backend):
                     self.zfs.mount(clone)
                 return found[clone]["mountpoint"]
             if snapshot not in found or snapshot.partition("@")[0] != copy.store.name:
-                raise BackendError(f"snapshot {snapshot} of {copy.store.name} does not exist")
+                raise BackendError(f"snapshot {snapshot} of {copy.store.name} does not exist", missing=True)
             if copy.source is None:
                 _require_ours(snapshot, found[snapshot], copy.set_id, copy.copy_id)
             mountpoint = os.path.join(self.mount_root, str(copy.copy_id))
-            os.makedirs(self.mount_root, exist_ok=True)
+            if not os.path.isdir(self.mount_root):
+                os.makedirs(self.mount_root)
+                os.chmod(self.mount_root, 0o755)  # whatever the daemon's umask: smbd reaches clones as the user
             try:
                 self.zfs.clone(snapshot, clone, {"readonly": "off" if writable else "on", "mountpoint": mountpoint,
                                                  SET_TAG: str(copy.set_id), COPY_TAG: str(copy.copy_id)})
@@ -341,9 +344,9 @@ class ZfsBackend(Backend):
             except (KeyError, ValueError):
                 log.warning("%s carries malformed fsrvpd tags %s; leaving it alone", name, tags)
                 continue
-            objects.append(OwnedObject("snapshot" if "@" in name else "clone", name, set_id, copy_id,
+            objects.append(OwnedObject(SNAPSHOT if "@" in name else "clone", name, set_id, copy_id,
                                        group=name.split("/")[0].split("@")[0]))
-        return sorted(objects, key=lambda obj: (obj.kind == "snapshot", obj.name))
+        return sorted(objects, key=lambda obj: (obj.kind == SNAPSHOT, obj.name))
 
     def remove_owned(self, obj: OwnedObject) -> None:
         with _failing_as(f"removing {obj.kind} {obj.name}"):

@@ -26,6 +26,7 @@ import uuid
 from . import __version__, logs
 from .constants import CONTEXT_ATTRIBUTES, Context, hresult_name
 from .doctor import diagnose
+from .retention import RetainedCopy
 from .state import Refused, ShadowCopySet, Status
 
 log = logging.getLogger("fsrvpd.admin")
@@ -53,6 +54,12 @@ def describe_set(scs: ShadowCopySet, now: float) -> dict:
             "copies": [{"copy_id": str(copy.copy_id), "share": copy.share, "store": copy.store["name"],
                         "exposed_as": copy.exposed_name if copy.exposed_path else None,
                         "read_only": copy.read_only, "restore_of": copy.source} for copy in scs.copies]}
+
+
+def describe_retained(copy: RetainedCopy, now: float) -> dict:
+    return {"copy_id": str(copy.copy_id), "set_id": str(copy.set_id), "share": copy.share,
+            "store": copy.store["name"], "created_at": copy.created_at, "age_seconds": round(now - copy.created_at, 1),
+            "retained_at": copy.retained_at, "with_exposure": copy.exposed_path if copy.keeps_exposure else None}
 
 
 class AdminCommands:
@@ -115,6 +122,13 @@ class AdminCommands:
     async def delete(self, set_id: str) -> dict:
         scs = await self.service.delete_set(_guid(set_id))
         return describe_set(scs, time.time())
+
+    async def retained(self) -> list[dict]:
+        now = time.time()
+        return [describe_retained(copy, now) for copy in self.service.retained_copies()]
+
+    async def unretain(self, copy_id: str) -> dict:
+        return describe_retained(await self.service.remove_retained(_guid(copy_id)), time.time())
 
     async def prune(self) -> dict:
         return await self.service.prune()

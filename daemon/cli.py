@@ -7,11 +7,17 @@ import asyncio
 import getpass
 import logging
 import os
+import stat
 import sys
+import time
+from typing import TYPE_CHECKING, Callable
 
 from . import __version__, logs
 from .config import Config, ConfigError, load
 from .hostnames import host_names_and_addresses
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
 
 DEFAULT_CONFIG = "/etc/fsrvpd/fsrvpd.yaml"
 EXIT_CONFIG = 2
@@ -28,6 +34,11 @@ def nt_hash(password: str) -> str:
 
 async def serve(config: Config, log_destination: str = "stderr") -> None:
     """Build the daemon from its parts and run it until SIGINT/SIGTERM (see supervisor.py)."""
+    await build(config, log_destination).run()
+
+
+def build(config: Config, log_destination: str = "stderr", clock: Callable[[], float] = time.time) -> Supervisor:
+    """The daemon's parts wired together, not started (tests move `clock`)."""
     from .backends.lvm import LvmBackend, SnapshotSize
     from .backends.zfs import ZfsBackend
     from .metrics import Metrics
@@ -51,16 +62,16 @@ async def serve(config: Config, log_destination: str = "stderr") -> None:
     backends = {"zfs": ZfsBackend(runner, config.mount_root, config.command_timeout),
                 "lvm": LvmBackend(runner, config.mount_root, config.command_timeout, snapshot_size)}
     store = StateStore(config.state_dir)
-    service = FsrvpService(config, store, backends, front_door, extra_host_names=host_names_and_addresses(),
-                           observer=metrics, share_lookup=share_lookup)
-    await Supervisor(service, front_door, runner, metrics, log_destination).run()
+    service = FsrvpService(config, store, backends, front_door, clock=clock,
+                           extra_host_names=host_names_and_addresses(), observer=metrics, share_lookup=share_lookup)
+    return Supervisor(service, front_door, runner, metrics, log_destination)
 
 
 def _embedded_front_door(config: Config, metrics):
     from .transports.embedded import EmbeddedFrontDoor
 
     return EmbeddedFrontDoor(config.listen, config.port, config.users, config.netbios_name, config.domain,
-                             observer=metrics)
+                             observer=metrics, max_connections_per_client=config.limits.max_connections_per_client)
 
 
 def _samba_front_door(config: Config, runner):
@@ -81,6 +92,12 @@ def _samba_front_door(config: Config, runner):
     config = dataclasses.replace(config, netbios_name=netbios_name, aliases=config.aliases + aliases,
                                  domain=tools.parameter("workgroup"), shares=catalog.shares())
     return config, front_door, catalog.lookup
+
+
+def _readable_by_others(path: str) -> str:
+    """Who besides the owner may read `path` ("group", "others", both, or "")."""
+    mode = os.stat(path).st_mode
+    return " and ".join(who for who, bit in (("its group", stat.S_IRGRP), ("all users", stat.S_IROTH)) if mode & bit)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{args.config}: OK ({len(config.shares)} share(s), {len(config.users)} user(s))")
         return 0
+    os.umask(0o077)  # whatever the daemon creates (state, mount points, sockets) is root's alone
     log_destination = logs.setup(config.log_level)
+    exposed = _readable_by_others(args.config) if config.users else ""
+    if exposed:
+        log.warning("%s holds NT hashes (password equivalents) but is readable by %s: chmod 600 it",
+                    args.config, exposed)
     from .samba import SambaError
     from .transports.samba import SambaSetupError
 

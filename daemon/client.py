@@ -6,11 +6,13 @@ Tests and benchmarks drive the daemon with it.  It sends exactly the bytes messa
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from typing import Any
 
-from impacket import hresult_errors
+from impacket import hresult_errors, smbconnection
+from impacket.nmb import NetBIOSError
 from impacket.dcerpc.v5 import rpcrt, transport
 from impacket.uuid import uuidtup_to_bin
 
@@ -61,15 +63,16 @@ def _fault_status(message: str) -> int | None:
 class FsrvpClient:
     """One bound FssagentRpc pipe.
 
-    Credentials authenticate the SMB session.  `rpc_auth_level` (rpcrt.RPC_C_AUTHN_LEVEL_*)
-    additionally authenticates the RPC bind with NTLM, as MS-FSRVP asks of Windows clients; left
-    None the bind is unauthenticated, which Samba accepts over an authenticated SMB session.
+    Credentials authenticate the SMB session and, with NTLM, the RPC bind at `rpc_auth_level`
+    (rpcrt.RPC_C_AUTHN_LEVEL_*): packet privacy by default, as MS-FSRVP asks of clients.  None
+    binds unauthenticated, which Samba and fsrvpd with `rpc.min_auth_level: none` accept over an
+    authenticated SMB session.
     `timeout` bounds every SMB wait, so it must outlast the longest Commit or Prepare expected.
     """
 
     def __init__(self, host: str, port: int = 445, username: str = "", password: str = "", domain: str = "",
                  nthash: str = "", server_name: str | None = None, *, timeout: float = 300.0,
-                 rpc_auth_level: int | None = None) -> None:
+                 rpc_auth_level: int | None = rpcrt.RPC_C_AUTHN_LEVEL_PKT_PRIVACY) -> None:
         self.host = host
         self.port = port
         self.server_name = server_name or host
@@ -99,9 +102,11 @@ class FsrvpClient:
         self._dce = dce
 
     def close(self) -> None:
+        """Hang up; a connection the server already dropped (it crashed, say) is just forgotten."""
         if self._dce is not None:
             dce, self._dce = self._dce, None
-            dce.disconnect()
+            with contextlib.suppress(OSError, NetBIOSError, smbconnection.SessionError):
+                dce.disconnect()
 
     def __enter__(self) -> FsrvpClient:
         self.connect()

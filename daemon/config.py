@@ -11,10 +11,12 @@ import dataclasses
 import ipaddress
 import os
 import re
-
 from typing import TYPE_CHECKING
 
 import yaml
+
+from .rpcauth import AuthLevel
+from .retention import RetentionPolicy
 
 if TYPE_CHECKING:
     from .backends.lvm import SnapshotSize
@@ -31,6 +33,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 SHARE_NAME = re.compile(r"^[^\x00-\x1f\"\\/\[\]:|<>+=;,*?@{}]{1,80}$")
 NETBIOS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,14}$")
 NT_HASH = re.compile(r"^[0-9a-fA-F]{32}$")
+# rpc.min_auth_level: `none` serves unauthenticated binds as Samba does; MS-FSRVP 3.1.4 asks for
+# packet integrity or privacy.
+MIN_AUTH_LEVELS = {"none": AuthLevel.NONE, "integrity": AuthLevel.PKT_INTEGRITY, "privacy": AuthLevel.PKT_PRIVACY}
 
 
 class ConfigError(Exception):
@@ -50,6 +55,19 @@ class ShareConfig:
     store: str | None  # explicit dataset/volume; None = detect from the path
     comment: str
     snapshot_size: SnapshotSize | None = None  # classic (thick) LVM volumes only
+    retention: RetentionPolicy | None = None  # keep completed backups' snapshots after DeleteShareMapping
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one client may take of the daemon; each has a safe default (see etc/fsrvpd.example.yaml)."""
+
+    max_shares_per_set: int = 64  # as Windows
+    max_fragment_bytes: int = 4280  # largest DCE/RPC fragment received or sent (SMB pipes use 4280)
+    max_request_bytes: int = 65536  # largest reassembled request; FSRVP's largest is a few KiB
+    max_string_chars: int = 1024  # longest NDR string (a UNC path), in UTF-16 units with the NUL
+    max_connections_per_client: int = 16  # open SMB connections and FSRVP pipes per client address
+    max_calls_per_second: float = 50  # per client address, with bursts of as many calls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +86,8 @@ class Config:
     mount_root: str
     sequence_timeout: float
     sequence_timeout_long: float
-    sweep_interval: float
+    exposure_ttl: float  # non-persistent sets still exposed after this long are reaped; 0: never
+    reconcile_interval: float
     command_timeout: float
     shares: dict[str, ShareConfig]  # keyed by casefolded share name
     log_level: str
@@ -76,6 +95,10 @@ class Config:
     metrics_port: int | None  # None: no metrics endpoint
     admin_socket: str
     allowed: tuple[str, ...] = ()  # SIDs and account names allowed to change state, besides the built-in groups
+    allowed_clients: tuple[str, ...] = ()  # IP networks callers must come from; empty: any
+    open_queries: bool = False  # the three read-only queries for any authenticated caller
+    min_auth_level: AuthLevel = AuthLevel.PKT_INTEGRITY
+    limits: Limits = Limits()
 
     def share(self, name: str) -> ShareConfig | None:
         """SMB share names are case-insensitive."""
@@ -153,6 +176,25 @@ class _Section:
         except ValueError:
             raise self.error(key, f"{value!r} is not an IP address") from None
         return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        node = self._scalar(key, False)
+        if node is None:
+            return default
+        value = yaml.safe_load(node.value) if node.tag.endswith(":bool") else node.value
+        if not isinstance(value, bool):
+            raise self.error(key, f"{node.value!r} must be true or false")
+        return value
+
+    def networks(self, key: str) -> tuple[str, ...]:
+        """IP addresses or networks (CIDR), checked and normalised."""
+        networks = []
+        for value in self.text_list(key):
+            try:
+                networks.append(str(ipaddress.ip_network(value, strict=False)))
+            except ValueError:
+                raise self.error(key, f"{value!r} is not an IP address or network") from None
+        return tuple(networks)
 
     def number(self, key: str, default: float | None, minimum: float, maximum: float,
                integer: bool = False) -> float | None:
@@ -260,7 +302,8 @@ def parse(text: str, source: str = "<config>") -> Config:
     timers = top.section("timers")
     sequence_timeout = timers.number("sequence_seconds", 180, 1, 86400)
     sequence_timeout_long = timers.number("sequence_long_seconds", 1800, 1, 86400)
-    sweep_interval = timers.number("sweep_seconds", 60, 1, 3600)
+    exposure_ttl = timers.number("exposure_ttl_seconds", 86400, 0, 10 * 365 * 86400)
+    reconcile_interval = timers.number("reconcile_seconds", 60, 1, 86400)
     timers.finish()
 
     storage = top.section("storage")
@@ -284,12 +327,27 @@ def parse(text: str, source: str = "<config>") -> Config:
                              hint="VG/LV, like vg0/vms"),
             comment=share.text("comment", ""),
             snapshot_size=_snapshot_size(share) if backend == "lvm" else None,
+            retention=_retention(share),
         )
         share.finish()
 
     authorization = top.section("authorization")
     allowed = authorization.text_list("allow")
+    allowed_clients = authorization.networks("clients")
+    open_queries = authorization.flag("open_queries", False)
     authorization.finish()
+
+    rpc = top.section("rpc")
+    min_auth_level = MIN_AUTH_LEVELS[rpc.choice("min_auth_level", tuple(MIN_AUTH_LEVELS),
+                                                "none" if samba else "integrity")]
+    if samba and min_auth_level != AuthLevel.NONE:
+        # The bind's NTLM would have to be checked against Samba's accounts (winbind), which fsrvpd
+        # cannot do yet; smbd authenticates the session and authorization checks its SIDs.
+        raise rpc.error("min_auth_level", "RPC-level authentication is not available behind Samba yet; "
+                                          "leave it out (none)")
+    rpc.finish()
+
+    limits = _limits(top.section("limits"))
 
     logging_section = top.section("logging")
     log_level = logging_section.choice("level", LOG_LEVELS, "info")
@@ -309,9 +367,42 @@ def parse(text: str, source: str = "<config>") -> Config:
                   listen=listen, port=port, smb_conf=smb_conf, domain=domain, users=users, state_dir=state_dir,
                   mount_root=mount_root,
                   sequence_timeout=sequence_timeout, sequence_timeout_long=sequence_timeout_long,
-                  sweep_interval=sweep_interval, command_timeout=command_timeout, shares=shares,
-                  log_level=log_level, metrics_listen=metrics_listen, metrics_port=metrics_port,
-                  admin_socket=admin_socket, allowed=allowed)
+                  exposure_ttl=exposure_ttl, reconcile_interval=reconcile_interval, command_timeout=command_timeout,
+                  shares=shares, log_level=log_level, metrics_listen=metrics_listen, metrics_port=metrics_port,
+                  admin_socket=admin_socket, allowed=allowed, allowed_clients=allowed_clients,
+                  open_queries=open_queries, min_auth_level=min_auth_level, limits=limits)
+
+
+def _retention(share: _Section) -> RetentionPolicy | None:
+    """`retention:` with keep_last, keep_days or both; absent: nothing is kept after DeleteShareMapping."""
+    if "retention" not in share.items:
+        return None
+    section = share.section("retention")
+    keep_last = section.number("keep_last", None, 1, 1_000_000, integer=True)
+    keep_days = section.number("keep_days", None, 0.001, 36500)
+    section.finish()
+    if keep_last is None and keep_days is None:
+        raise share.error("retention", "needs keep_last, keep_days or both")
+    return RetentionPolicy(keep_last=None if keep_last is None else int(keep_last), keep_days=keep_days)
+
+
+def _limits(section: _Section) -> Limits:
+    default = Limits()
+    limits = Limits(
+        max_shares_per_set=int(section.number("max_shares_per_set", default.max_shares_per_set, 1, 512,
+                                              integer=True)),
+        max_fragment_bytes=int(section.number("max_fragment_bytes", default.max_fragment_bytes, 1432, 65535,
+                                              integer=True)),
+        max_request_bytes=int(section.number("max_request_bytes", default.max_request_bytes, 4096, 16 << 20,
+                                             integer=True)),
+        max_string_chars=int(section.number("max_string_chars", default.max_string_chars, 260, 32768,
+                                            integer=True)),
+        max_connections_per_client=int(section.number("max_connections_per_client",
+                                                      default.max_connections_per_client, 1, 4096, integer=True)),
+        max_calls_per_second=section.number("max_calls_per_second", default.max_calls_per_second, 0.1, 100000),
+    )
+    section.finish()
+    return limits
 
 
 def load(path: str) -> Config:

@@ -124,6 +124,17 @@ def show_set(result: dict) -> str:
     return f"set {result['set_id']} ({result['status']}): {copies}"
 
 
+def show_retained(result: list[dict]) -> str:
+    if not result:
+        return "no retained copies"
+    return table([[c["copy_id"], c["share"], c["store"], age(c["age_seconds"]), c["with_exposure"] or ""]
+                  for c in result], ["COPY", "SHARE", "STORE", "AGE", "RECOVERED CLONE KEPT AT"])
+
+
+def show_unretained(result: dict) -> str:
+    return f"retained copy {result['copy_id']} of {result['share']} removed"
+
+
 def show_prune(result: dict) -> str:
     return f"{result['expired_sets']} expired set(s) removed, {result['orphans_removed']} orphaned object(s) removed"
 
@@ -140,7 +151,8 @@ def show_doctor(result: dict) -> str:
 
 
 SHOW = {"status": show_status, "sets": show_sets, "shares": show_shares, "delete": show_set, "prune": show_prune,
-        "expose": show_set, "reload": show_reload, "doctor": show_doctor}
+        "expose": show_set, "reload": show_reload, "doctor": show_doctor, "retained": show_retained,
+        "unretain": show_unretained}
 
 
 def socket_path(args: argparse.Namespace) -> str:
@@ -171,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("prune", help="remove expired sets and orphaned storage now")
     commands.add_parser("expose", help="publish an existing snapshot read-only, e.g. for a restore").add_argument(
         "snapshot", help="e.g. tank/vms@daily-2024-05-01")
+    commands.add_parser("retained", help="copies kept by retention after DeleteShareMapping (oldest first)")
+    commands.add_parser("unretain", help="remove a retained copy now, snapshot and all").add_argument("copy_id")
     commands.add_parser("reload", help="reload the configuration file (as SIGHUP does) and say if it was good")
     commands.add_parser("doctor", help="can this share be shadow-copied? why not?").add_argument("share")
     args = parser.parse_args(argv)

@@ -14,13 +14,12 @@ Only little-endian, ASCII, IEEE data representation is served: the stubs go to a
 reads little-endian, and no client in practice (Windows, Samba, impacket) sends anything else.
 A peer that does gets the same answer as for any other unacceptable header.
 
-Authentication seam.  This issue has no RPC security provider, yet every PDU's auth trailer is
-parsed (`_split_auth_trailer`).  A later SecurityContext plugs in where credentials are refused
-today and nowhere else: the security handshake replaces `_bind_auth_rejection` and the refusals in
-`_handle_alter_context` and `_handle_auth3`; `_request_stub` verifies or unseals each request
-fragment; `_encode_response` leaves room for the verifier in each fragment, then signs or seals
-it.  Header signing (PFC_SUPPORT_HEADER_SIGN) is answered cleared, as MS-RPCE 3.3.1.5.2.2 requires
-of a server whose security provider cannot sign headers; that provider will decide it.
+Authentication.  A bind may carry the first leg of a security context (rpcauth.py): NTLMSSP, or
+SPNEGO around it, from the providers the daemon passes in.  The connection runs the legs (bind,
+then auth3 or alter_context), and from then on checks every request fragment's verifier -- which
+also enforces the sequence numbers -- unseals it at privacy level, and signs or seals every
+response fragment.  Each call carries the authenticated Principal; whether its level is enough
+is the daemon's decision, not this layer's.  Faults stay unsigned, as in Windows and Samba.
 """
 
 from __future__ import annotations
@@ -33,6 +32,8 @@ import uuid
 from typing import Mapping, NamedTuple
 
 from .constants import PIPE_NAME
+from .rpcauth import (PROTECTED_LEVELS, AuthError, AuthLevel, AuthType, Principal, SecurityContext,
+                      SecurityProviders)
 
 # Fault statuses (C706 appendix N, MS-RPCE 3.1.1.5.5, MS-ERREF).
 NCA_S_OP_RNG_ERROR = 0x1C010002  # the daemon's answer to an opnum it does not know
@@ -42,6 +43,8 @@ NCA_S_FAULT_REMOTE_NO_MEMORY = 0x1C00001B
 NCA_S_FAULT_NDR = 0x000006F7  # RPC_X_BAD_STUB_DATA: the daemon could not decode the stub
 RPC_S_ACCESS_DENIED = 0x00000005  # oversized request (MS-RPCE 3.3.3.5.4), auth data without auth
 RPC_S_NO_CALL_ACTIVE = 0x000006BD  # Windows' answer to PFC_PENDING_CANCEL on a first fragment
+RPC_S_SEC_PKG_ERROR = 0x00000721  # a security leg in an alter_context failed
+RPC_S_SERVER_TOO_BUSY = 0x000006BB  # the daemon's answer to a client over its call rate
 
 # Statuses a server MUST NOT put in a fault (MS-RPCE 3.3.3.5.1).
 _FORBIDDEN_FAULT_STATUSES = frozenset({
@@ -67,6 +70,11 @@ _RPC_VERSION = (5, 0)
 _LITTLE_ENDIAN_ASCII_IEEE = b"\x10\x00\x00\x00"
 _FRAGMENT_SIZE_GRANULE = 8  # negotiated sizes are truncated to a multiple of 8, as Windows does
 _STUB_CHUNK_ALIGNMENT = 16  # response chunks stay aligned for the seal/sign padding of MS-RPCE 2.2.2.11
+_BIND_AUTH_ALIGNMENT = 4  # the sec_trailer of bind_ack and alter_context_resp
+_VT_MAGIC = bytes.fromhex("8ae3137102f43671")  # rpc_sec_verification_trailer (MS-RPCE 2.2.2.13)
+_VT_SEARCH_BYTES = 1024  # how far from the stub's end a verification trailer is looked for, as Samba
+_VT_MAX_PADDING = 16  # bytes a client may leave after the trailer's last command
+_VT_COMMAND_END = 0x4000
 _FAULT_ALLOC_HINT = 32  # MS-RPCE 2.2.2.x: extended error length is alloc_hint - 0x20, and we send none
 _OLD_CALL_WINDOW = 150  # MS-RPCE 3.3.3.5.6: stray fragments of this many recent calls are dropped
 _CONTEXTS_PER_INTERFACE = 4000  # MS-RPCE 3.3.3.5.5
@@ -157,17 +165,6 @@ class BindTimeFeature(enum.IntFlag):
 SUPPORTED_BIND_TIME_FEATURES = BindTimeFeature.KEEP_CONNECTION_ON_ORPHAN
 
 
-class AuthLevel(enum.IntEnum):
-    """auth_level of the auth trailer (MS-RPCE 2.2.1.1.8)."""
-
-    NONE = 1
-    CONNECT = 2
-    CALL = 3
-    PKT = 4
-    PKT_INTEGRITY = 5
-    PKT_PRIVACY = 6
-
-
 @dataclasses.dataclass(frozen=True)
 class SyntaxId:
     """An interface or transfer syntax: UUID plus major.minor version (p_syntax_id_t)."""
@@ -203,6 +200,7 @@ class RpcCall:
     opnum: int
     stub: bytes
     interface: uuid.UUID  # abstract syntax bound to context_id
+    principal: Principal | None = None  # who the RPC layer authenticated; None on an unauthenticated bind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +210,15 @@ class ConnectionClosed:
     reason: str
 
 
-Event = RpcCall | ConnectionClosed
+@dataclasses.dataclass(frozen=True)
+class AuthenticationResult:
+    """A security context finished its handshake (principal set) or failed (reason), for the audit log."""
+
+    principal: Principal | None
+    reason: str = ""
+
+
+Event = RpcCall | ConnectionClosed | AuthenticationResult
 
 
 class _Header(NamedTuple):
@@ -224,13 +230,18 @@ class _Header(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class _AuthTrailer:
-    """sec_trailer of a PDU (MS-RPCE 2.2.2.11); a security provider will consume all of it."""
+    """sec_trailer of a PDU (MS-RPCE 2.2.2.11) and the token or verifier after it."""
 
     auth_type: int
     auth_level: int
     pad_length: int
     context_id: int
     auth_value: bytes
+    start: int  # offset of the sec_trailer in the PDU: the body (with its padding) ends here
+
+    @property
+    def verifier_start(self) -> int:
+        return self.start + _AUTH_TRAILER.size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +299,10 @@ class _Reader:
         self._data = data
         self._offset = 0
 
+    @property
+    def remaining(self) -> int:
+        return len(self._data) - self._offset
+
     def take(self, size: int) -> bytes:
         end = self._offset + size
         if end > len(self._data):
@@ -314,6 +329,29 @@ class _Reader:
         return elements
 
 
+def _verification_trailer(stub: bytes) -> tuple[int, list[tuple[int, bytes]]] | None:
+    """Where a stub's verification trailer starts, and its (command, data) list; None if it has none.
+
+    As in Samba, the last 4-aligned occurrence of the magic within the stub's last KiB starts the
+    trailer if well-formed commands follow it up to the end (give or take 16 bytes of padding);
+    otherwise the magic is taken for stub data."""
+    last = (len(stub) - len(_VT_MAGIC)) & ~3
+    for start in range(last, max(last - _VT_SEARCH_BYTES, 0) - 1, -4):
+        if stub[start:start + len(_VT_MAGIC)] == _VT_MAGIC:
+            break
+    else:
+        return None
+    reader = _Reader(stub[start + len(_VT_MAGIC):])
+    commands = []
+    try:
+        while not commands or not commands[-1][0] & _VT_COMMAND_END:
+            command, length = reader.unpack("HH")
+            commands.append((command, reader.take(length)))
+    except _Malformed:
+        return None
+    return (start, commands) if reader.remaining <= _VT_MAX_PADDING else None
+
+
 def _bind_time_features(syntax: SyntaxId) -> int | None:
     """The feature bits a transfer syntax offers, or None if it is not a feature negotiation one."""
     raw = syntax.uuid.bytes_le
@@ -322,10 +360,10 @@ def _bind_time_features(syntax: SyntaxId) -> int | None:
     return int.from_bytes(raw[8:], "little")
 
 
-def _pdu(ptype: PduType, flags: int, call_id: int, body: bytes) -> bytes:
-    """A whole PDU: common header (always little-endian, no auth) plus body."""
+def _pdu(ptype: PduType, flags: int, call_id: int, body: bytes, auth_length: int = 0) -> bytes:
+    """A whole PDU: common header (always little-endian) plus body, which ends with any auth data."""
     header = _COMMON_HEADER.pack(*_RPC_VERSION, ptype, flags, _LITTLE_ENDIAN_ASCII_IEEE,
-                                 HEADER_SIZE + len(body), 0, call_id)
+                                 HEADER_SIZE + len(body), auth_length, call_id)
     return header + body
 
 
@@ -352,13 +390,17 @@ class ServerConnection:
                  max_recv_frag: int = DEFAULT_FRAGMENT_SIZE,
                  max_xmit_frag: int = DEFAULT_FRAGMENT_SIZE,
                  max_call_bytes: int = DEFAULT_MAX_CALL_BYTES,
-                 secondary_address: str = DEFAULT_SECONDARY_ADDRESS) -> None:
+                 secondary_address: str = DEFAULT_SECONDARY_ADDRESS,
+                 security_providers: SecurityProviders | None = None,
+                 refuse_binds: BindNakReason | None = None) -> None:
         """interfaces: abstract syntax UUID -> (major, minor) served; a client may bind to that
         major version with any minor version up to ours (C706 compatibility rule).
 
         max_recv_frag: largest request fragment accepted (the transport's limit, as in Windows);
         max_xmit_frag: largest fragment sent; max_call_bytes: largest reassembled request stub;
-        secondary_address: what bind_ack names as our endpoint (clients ignore it, MS-RPCE 3.3.1.5.5).
+        secondary_address: what bind_ack names as our endpoint (clients ignore it, MS-RPCE 3.3.1.5.5);
+        security_providers: auth_type -> provider of the security contexts a bind may ask for;
+        refuse_binds: the daemon is at a limit, so the bind gets bind_nak with this reason.
         """
         for name, size in (("max_recv_frag", max_recv_frag), ("max_xmit_frag", max_xmit_frag)):
             if not MIN_FRAGMENT_SIZE <= size <= 0xFFFF:
@@ -385,6 +427,12 @@ class ServerConnection:
         self._incoming: _IncomingCall | None = None
         self._outstanding: dict[int, RpcCall] = {}
         self._highest_call_id: int | None = None
+        self._security_providers = dict(security_providers or {})
+        self._refuse_binds = refuse_binds
+        self._security: SecurityContext | None = None
+        self._auth_context_id = 0
+        self._auth_failure: str | None = None  # a failed auth3: the next request is refused
+        self._client_header_signing = False
         self.closed = False
 
     # -- the application's side ------------------------------------------------------------
@@ -515,7 +563,7 @@ class ServerConnection:
         if pad_length > trailer_start - body_start:
             raise _Malformed(f"auth_pad_length {pad_length} is longer than the body")
         trailer = _AuthTrailer(auth_type, auth_level, pad_length, context_id,
-                               pdu[trailer_start + _AUTH_TRAILER.size:])
+                               pdu[trailer_start + _AUTH_TRAILER.size:], trailer_start)
         return trailer_start - pad_length, trailer
 
     # -- association and presentation contexts --------------------------------------------
@@ -536,11 +584,11 @@ class ServerConnection:
         if sum(_bind_time_features(element.transfer_syntaxes[0]) is not None for element in elements) > 1:
             raise _Rejection("more than one bind time feature negotiation", call_id=header.call_id,
                              nak=BindNakReason.NOT_SPECIFIED)
+        if self._refuse_binds is not None:
+            raise _Rejection(f"bind refused: {self._refuse_binds.name.lower()}", call_id=header.call_id,
+                             nak=self._refuse_binds)
         outcomes = self._negotiate_contexts(header.call_id, elements, feature_negotiation=True)
-        if trailer is not None:
-            reason = self._bind_auth_rejection(trailer)
-            raise _Rejection(f"bind with auth_type {trailer.auth_type} level {trailer.auth_level}: "
-                             f"{reason.name.lower()}", call_id=header.call_id, nak=reason)
+        token, events = self._start_security(header, trailer) if trailer is not None else (None, [])
         size = min(client_xmit, client_recv, self._max_recv_frag, self._max_xmit_frag)
         self._fragment_size = max(size, MIN_FRAGMENT_SIZE) // _FRAGMENT_SIZE_GRANULE * _FRAGMENT_SIZE_GRANULE
         # A client joining an existing association group keeps its id: FSRVP has no context
@@ -549,9 +597,47 @@ class ServerConnection:
         self._multiplexed = bool(header.flags & PfcFlag.CONC_MPX)
         self._bound = True
         flags = _WHOLE_PDU | (PfcFlag.CONC_MPX if self._multiplexed else 0)
+        if token is not None and self._client_header_signing and self._security.signs_header:
+            flags |= PfcFlag.SUPPORT_HEADER_SIGN  # MS-RPCE 3.3.1.5.2.2: our verifiers cover the header
         self._outbox += self._context_ack(PduType.BIND_ACK, flags, header.call_id,
-                                          self._secondary_address, outcomes)
-        return []
+                                          self._secondary_address, outcomes, token)
+        return events
+
+    def _start_security(self, header: _Header, trailer: _AuthTrailer) -> tuple[bytes, list[Event]]:
+        """Open the security context a bind asks for and run its first leg; the token to answer with."""
+        provider = self._security_providers.get(trailer.auth_type)
+        reason = None
+        if not AuthLevel.CONNECT <= trailer.auth_level <= AuthLevel.PKT_PRIVACY:
+            reason = BindNakReason.NOT_SPECIFIED
+        elif provider is None:
+            reason = BindNakReason.AUTHENTICATION_TYPE_NOT_RECOGNIZED
+        elif trailer.auth_level not in PROTECTED_LEVELS:
+            reason = BindNakReason.NOT_SPECIFIED  # connect and call levels protect no PDU
+        if reason is not None:
+            raise _Rejection(f"bind with auth_type {trailer.auth_type} level {trailer.auth_level}: "
+                             f"{reason.name.lower()}", call_id=header.call_id, nak=reason)
+        security = provider(AuthLevel(trailer.auth_level))
+        try:
+            token = security.accept(trailer.auth_value)
+        except AuthError as refused:
+            raise _Rejection(f"{AuthType(trailer.auth_type).name} bind refused: {refused}",
+                             call_id=header.call_id, nak=BindNakReason.INVALID_CHECKSUM) from None
+        self._security = security
+        self._auth_context_id = trailer.context_id
+        self._client_header_signing = bool(header.flags & PfcFlag.SUPPORT_HEADER_SIGN)
+        return token, self._authentication_events()
+
+    def _authentication_events(self) -> list[Event]:
+        principal = self._security.principal
+        return [AuthenticationResult(principal)] if principal is not None else []
+
+    def _continue_security(self, header: _Header, trailer: _AuthTrailer) -> bytes:
+        """The next leg of a handshake in progress (alter_context or auth3); raises AuthError."""
+        if (trailer.auth_type, trailer.auth_level, trailer.context_id) != \
+                (self._security.auth_type, self._security.level, self._auth_context_id):
+            raise AuthError(f"leg with auth type {trailer.auth_type}, level {trailer.auth_level} and context "
+                            f"{trailer.context_id} continues another context")
+        return self._security.accept(trailer.auth_value)
 
     def _handle_alter_context(self, header: _Header, pdu: bytes) -> list[Event]:
         body_end, trailer = self._split_auth_trailer(header, pdu, HEADER_SIZE)
@@ -560,28 +646,49 @@ class ServerConnection:
         elements = reader.context_elements()
         if not elements or any(not element.transfer_syntaxes for element in elements):
             raise _Malformed("no presentation context, or one without transfer syntaxes")
-        if trailer is not None:
-            raise _Rejection("alter_context with auth data on an unauthenticated connection",
+        in_progress = self._security is not None and self._security.principal is None \
+            and self._auth_failure is None
+        if trailer is None and in_progress:
+            raise _Rejection("alter_context without auth data during a security handshake",
+                             call_id=header.call_id, status=RPC_S_SEC_PKG_ERROR)
+        if trailer is not None and not in_progress:
+            # Samba and Windows: no second security context and no renegotiation on a connection.
+            raise _Rejection("alter_context with auth data outside a security handshake",
                              call_id=header.call_id, status=RPC_S_ACCESS_DENIED)
         outcomes = self._negotiate_contexts(header.call_id, elements, feature_negotiation=False)
-        self._outbox += self._context_ack(PduType.ALTER_CONTEXT_RESP, _WHOLE_PDU, header.call_id, b"", outcomes)
-        return []
+        token = None
+        events: list[Event] = []
+        if trailer is not None:
+            try:
+                token = self._continue_security(header, trailer)
+            except AuthError as refused:
+                raise _Rejection(f"security handshake failed: {refused}", call_id=header.call_id,
+                                 status=RPC_S_SEC_PKG_ERROR) from None
+            events = self._authentication_events()
+        self._outbox += self._context_ack(PduType.ALTER_CONTEXT_RESP, _WHOLE_PDU, header.call_id, b"", outcomes,
+                                          token)
+        return events
 
     def _handle_auth3(self, header: _Header, pdu: bytes) -> list[Event]:
-        self._split_auth_trailer(header, pdu, HEADER_SIZE + _AUTH3_BODY_SIZE)
-        raise self._violation(header.call_id, "auth3 without an authentication in progress")
+        """The last leg of a three-leg handshake; never answered (MS-RPCE 3.3.1.5.2.1).
+
+        A failure is remembered and the next request refused, as Windows and Samba do."""
+        _, trailer = self._split_auth_trailer(header, pdu, HEADER_SIZE + _AUTH3_BODY_SIZE)
+        if trailer is None or self._security is None or self._security.principal is not None \
+                or self._auth_failure is not None:
+            raise self._violation(header.call_id, "auth3 without an authentication in progress")
+        try:
+            if self._continue_security(header, trailer) or self._security.principal is None:
+                raise AuthError("the handshake needs more legs than auth3 allows")
+        except AuthError as refused:
+            self._auth_failure = f"authentication failed: {refused}"
+            return [AuthenticationResult(None, str(refused))]
+        return self._authentication_events()
 
     def _handle_cancel_or_orphaned(self, header: _Header, pdu: bytes) -> list[Event]:
         """Ignored, as Windows does: calls run to completion and their answers are still sent."""
         self._split_auth_trailer(header, pdu, HEADER_SIZE)
         return []
-
-    @staticmethod
-    def _bind_auth_rejection(trailer: _AuthTrailer) -> BindNakReason:
-        """Why credentials in a bind are refused: there is no security provider yet (the seam)."""
-        if not AuthLevel.CONNECT <= trailer.auth_level <= AuthLevel.PKT_PRIVACY:
-            return BindNakReason.NOT_SPECIFIED
-        return BindNakReason.AUTHENTICATION_TYPE_NOT_RECOGNIZED
 
     def _negotiate_contexts(self, call_id: int, elements: list[_ContextElement], *,
                             feature_negotiation: bool) -> list[_ContextOutcome]:
@@ -623,13 +730,18 @@ class ServerConnection:
         return served is not None and abstract.major == served[0] and abstract.minor <= served[1]
 
     def _context_ack(self, ptype: PduType, flags: int, call_id: int, secondary_address: bytes,
-                     outcomes: list[_ContextOutcome]) -> bytes:
-        """bind_ack or alter_context_resp; both carry the connection's fragment size and group."""
+                     outcomes: list[_ContextOutcome], token: bytes | None = None) -> bytes:
+        """bind_ack or alter_context_resp; both carry the connection's fragment size and group,
+        and the security context's token when a handshake leg is answered."""
         body = struct.pack("<HHIH", self._fragment_size, self._fragment_size, self._assoc_group_id,
                            len(secondary_address)) + secondary_address
         body += bytes(-(HEADER_SIZE + len(body)) % 4)  # the result list is 4-byte aligned
         body += struct.pack("<BBH", len(outcomes), 0, 0) + b"".join(outcome.encode() for outcome in outcomes)
-        return _pdu(ptype, flags, call_id, body)
+        if token is None:
+            return _pdu(ptype, flags, call_id, body)
+        pad = -(HEADER_SIZE + len(body)) % _BIND_AUTH_ALIGNMENT
+        trailer = _AUTH_TRAILER.pack(self._security.auth_type, self._security.level, pad, 0, self._auth_context_id)
+        return _pdu(ptype, flags, call_id, body + bytes(pad) + trailer + token, auth_length=len(token))
 
     # -- calls ------------------------------------------------------------------------------
 
@@ -639,13 +751,15 @@ class ServerConnection:
             raise _Malformed("request shorter than its header")
         alloc_hint, context_id, opnum = _REQUEST_HEADER.unpack_from(pdu, HEADER_SIZE)
         body_end, trailer = self._split_auth_trailer(header, pdu, stub_start)
+        # Every fragment is checked first, even one about to be refused or dropped: each took a
+        # sequence number and a piece of the key stream on the client's side.
+        stub = self._request_stub(header, context_id, pdu, stub_start, body_end, trailer)
         if header.flags & PfcFlag.FIRST_FRAG:
             call = self._begin_call(header, context_id, opnum)
         else:
             call = self._continuing_call(header)
             if call is None:
                 return []
-        stub = self._request_stub(call, pdu, stub_start, body_end, trailer)
         # alloc_hint counts only on the first fragment: impacket repeats the total on every one.
         expected = max(len(stub), alloc_hint) if header.flags & PfcFlag.FIRST_FRAG else len(stub)
         if len(call.stub) + expected > self._max_call_bytes:
@@ -656,7 +770,8 @@ class ServerConnection:
             self._incoming = call
             return []
         self._incoming = None
-        complete = RpcCall(call.call_id, call.context_id, call.opnum, bytes(call.stub), call.interface)
+        complete = RpcCall(call.call_id, call.context_id, call.opnum, self._without_verification_trailer(call),
+                           call.interface, self._security.principal if self._security else None)
         self._outstanding[complete.call_id] = complete
         return [complete]
 
@@ -696,19 +811,73 @@ class ServerConnection:
                              call_id=call.call_id, context_id=call.context_id, did_not_execute=False)
         return call
 
-    @staticmethod
-    def _request_stub(call: _IncomingCall, pdu: bytes, stub_start: int, body_end: int,
+    def _request_stub(self, header: _Header, context_id: int, pdu: bytes, stub_start: int, body_end: int,
                       trailer: _AuthTrailer | None) -> bytes:
-        """A request fragment's stub; a security context will verify or unseal it here (the seam)."""
-        if trailer is not None:
-            raise _Rejection("request with auth data on an unauthenticated connection",
-                             call_id=call.call_id, context_id=call.context_id,
-                             status=RPC_S_ACCESS_DENIED, did_not_execute=False)
-        return pdu[stub_start:body_end]
+        """A request fragment's stub, its verifier checked and its body unsealed as the connection requires."""
+        def refused(reason: str, status: int = RPC_S_ACCESS_DENIED) -> _Rejection:
+            return _Rejection(reason, call_id=header.call_id, context_id=context_id, status=status,
+                              did_not_execute=status != RPC_S_ACCESS_DENIED)
+
+        security = self._security
+        if security is None:
+            if trailer is not None:
+                raise refused("request with auth data on an unauthenticated connection")
+            return pdu[stub_start:body_end]
+        if self._auth_failure is not None:
+            raise refused(self._auth_failure)
+        if security.principal is None:
+            raise refused("request before the security handshake finished", NCA_S_PROTO_ERROR)
+        if trailer is None or len(trailer.auth_value) != security.verifier_size or \
+                (trailer.auth_type, trailer.auth_level, trailer.context_id) != \
+                (security.auth_type, security.level, self._auth_context_id):
+            raise refused("request without the verifier of the connection's security context")
+        try:
+            body = security.unprotect(pdu[:trailer.verifier_start], slice(stub_start, trailer.start),
+                                      trailer.auth_value)
+        except AuthError as error:
+            raise refused(f"request refused: {error}") from None
+        return body[:len(body) - trailer.pad_length]
+
+    def _without_verification_trailer(self, call: _IncomingCall) -> bytes:
+        """The stub without its verification trailer (MS-RPCE 2.2.2.13), once the trailer is checked."""
+        stub = bytes(call.stub)
+        found = _verification_trailer(stub)
+        if found is None:
+            return stub
+        start, commands = found
+        for command, data in commands:
+            problem = self._verification_command_problem(call, command & 0x3FFF, data, bool(command & 0x8000))
+            if problem:
+                raise _Rejection(f"verification trailer of call {call.call_id}: {problem}", call_id=call.call_id,
+                                 context_id=call.context_id, status=RPC_S_ACCESS_DENIED, close=False)
+        return stub[:start]
+
+    def _verification_command_problem(self, call: _IncomingCall, command: int, data: bytes,
+                                      must_process: bool) -> str | None:
+        """What is wrong with one verification trailer command, or None."""
+        if command == 1:  # SEC_VT_COMMAND_BITMASK_1: CLIENT_SUPPORTS_HEADER_SIGNING
+            if len(data) != 4:
+                return "bitmask command of the wrong size"
+            if data[0] & 1 and not self._client_header_signing:
+                return "the client asked for header signing but the bind did not say so"
+            return None
+        if command == 2:  # SEC_VT_COMMAND_PCONTEXT
+            bound = (self._contexts[call.context_id].encode(), NDR_SYNTAX.encode())
+            return None if (data[:20], data[20:]) == bound else "presentation context differs from the bound one"
+        if command == 3:  # SEC_VT_COMMAND_HEADER2
+            expected = struct.pack("<BBH4sIHH", PduType.REQUEST, 0, 0, _LITTLE_ENDIAN_ASCII_IEEE, call.call_id,
+                                   call.context_id, call.opnum)
+            if len(data) != len(expected) or data[:1] + data[4:] != expected[:1] + expected[4:]:
+                return "request header differs from the one the client protected"
+            return None
+        return f"unknown command {command} marked must-process" if must_process else None
 
     def _encode_response(self, call: RpcCall, stub: bytes) -> bytes:
-        """Response PDUs for `stub`; a security context will reserve and fill verifiers here (the seam)."""
-        chunk_size = (self._fragment_size - _RESPONSE_STUB_OFFSET) // _STUB_CHUNK_ALIGNMENT * _STUB_CHUNK_ALIGNMENT
+        """Response PDUs for `stub`, each within the negotiated size with room for its verifier."""
+        overhead = _RESPONSE_STUB_OFFSET
+        if self._security is not None:
+            overhead += _AUTH_TRAILER.size + self._security.verifier_size
+        chunk_size = (self._fragment_size - overhead) // _STUB_CHUNK_ALIGNMENT * _STUB_CHUNK_ALIGNMENT
         fragments = []
         offset = 0
         while True:
@@ -716,7 +885,24 @@ class ServerConnection:
             flags = (PfcFlag.FIRST_FRAG if offset == 0 else 0) | \
                     (PfcFlag.LAST_FRAG if offset + chunk_size >= len(stub) else 0)
             body = _RESPONSE_HEADER.pack(len(stub) - offset, call.context_id, 0, 0) + chunk
-            fragments.append(_pdu(PduType.RESPONSE, flags, call.call_id, body))
+            fragments.append(self._protected_pdu(PduType.RESPONSE, flags, call.call_id, body))
             offset += chunk_size
             if offset >= len(stub):
                 return b"".join(fragments)
+
+    def _protected_pdu(self, ptype: PduType, flags: int, call_id: int, body: bytes) -> bytes:
+        """A response PDU, signed or sealed by the connection's security context if it has one.
+
+        The stub (after the 8-byte response header) is padded to a multiple of 16 as Windows and
+        Samba do; the verifier covers the whole PDU before it, the stub is what sealing encrypts."""
+        security = self._security
+        if security is None:
+            return _pdu(ptype, flags, call_id, body)
+        stub_start = HEADER_SIZE + _RESPONSE_HEADER.size
+        pad = -(len(body) - _RESPONSE_HEADER.size) % _STUB_CHUNK_ALIGNMENT
+        trailer = _AUTH_TRAILER.pack(security.auth_type, security.level, pad, 0, self._auth_context_id)
+        unsigned = _pdu(ptype, flags, call_id, body + bytes(pad) + trailer + bytes(security.verifier_size),
+                        auth_length=security.verifier_size)[:-security.verifier_size]
+        stub = slice(stub_start, HEADER_SIZE + len(body) + pad)
+        sent, verifier = security.protect(unsigned, stub)
+        return unsigned[:stub.start] + sent + unsigned[stub.stop:] + verifier

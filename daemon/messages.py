@@ -23,7 +23,7 @@ import uuid
 from typing import Any, Mapping
 
 from .constants import Opnum
-from .ndr import NdrError, NdrReader, NdrWriter
+from .ndr import DEFAULT_MAX_STRING_CHARS, NdrError, NdrReader, NdrWriter
 
 NULL_GUID = uuid.UUID(int=0)
 SHARE_MAPPING_LEVEL_1 = 1
@@ -371,8 +371,8 @@ def _operation(opnum: int) -> Operation:
         raise UnknownOpnum(f"opnum {opnum!r} is not an FSRVP operation") from None
 
 
-def _decode(cls: type, stub: bytes) -> Any:
-    reader = NdrReader(stub)
+def _decode(cls: type, stub: bytes, max_string_chars: int = DEFAULT_MAX_STRING_CHARS) -> Any:
+    reader = NdrReader(stub, max_string_chars)
     values: dict[str, Any] = {}
     for name, wire_type in _layout(cls):
         values[name] = wire_type.read(reader, name, values)
@@ -388,9 +388,11 @@ def _encode(message: Any) -> bytes:
 
 
 # -- public API -------------------------------------------------------------------------------
-def decode_request(opnum: int, stub: bytes) -> Any:
-    """The request dataclass of `opnum`; NdrError if the stub does not hold one, trailing bytes ignored."""
-    return _decode(_operation(opnum).request, stub)
+def decode_request(opnum: int, stub: bytes, max_string_chars: int = DEFAULT_MAX_STRING_CHARS) -> Any:
+    """The request dataclass of `opnum`; NdrError if the stub does not hold one, trailing bytes ignored.
+
+    A string longer than `max_string_chars` UTF-16 units (NUL included) is an NdrError too."""
+    return _decode(_operation(opnum).request, stub, max_string_chars)
 
 
 def encode_response(opnum: int, response: Any) -> bytes:

@@ -30,6 +30,7 @@ log = logging.getLogger("fsrvpd.metrics")
 
 # VSS keeps the applications' writes frozen while CommitShadowCopySet runs (writers give up after
 # about 10 s; the client's own commit timeout is typically 60 s): resolve that range finely.
+REPAIRS = ("interrupted_call", "copy_lost", "exposure_remade", "share_withdrawn", "share_published")
 CALL_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0)
 
 
@@ -55,6 +56,14 @@ class Metrics(Observer):
                                         registry=self.registry)
         self.reloads = Counter("fsrvpd_config_reloads", "Configuration reloads (SIGHUP), by result", ["result"],
                                registry=self.registry)
+        self.reaped = Counter("fsrvpd_exposure_ttl_reaped_sets", "Non-persistent sets removed by the exposure TTL "
+                              "(their clients never deleted them)", registry=self.registry)
+        self.repairs = Counter("fsrvpd_repairs", "Repairs by reconciliation, by kind", ["repair"],
+                               registry=self.registry)
+        self.pruned = Counter("fsrvpd_retained_pruned", "Retained copies removed because their share's retention "
+                              "policy no longer keeps them", registry=self.registry)
+        for repair in REPAIRS:
+            self.repairs.labels(repair)
         Gauge("fsrvpd_build_info", "Always 1; the version label says which fsrvpd runs", ["version"],
               registry=self.registry).labels(version).set(1)
         ProcessCollector(registry=self.registry)
@@ -85,6 +94,15 @@ class Metrics(Observer):
 
     def snapshot_failed(self, backend: str) -> None:
         self.broken_snapshots.labels(backend).inc()
+
+    def sets_reaped(self, sets: int) -> None:
+        self.reaped.inc(sets)
+
+    def repaired(self, repair: str) -> None:
+        self.repairs.labels(repair).inc()
+
+    def retention_pruned(self, copies: int) -> None:
+        self.pruned.inc(copies)
 
     def config_reloaded(self, ok: bool) -> None:
         self.reloads.labels("ok" if ok else "failed").inc()
@@ -171,6 +189,11 @@ class _HeldCollector:
                 held[kind].add_metric([share], value)
         for (share, kind), size in space.items():
             pinned.add_metric([share, kind], size)
+        retained = GaugeMetricFamily("fsrvpd_retained_copies", "Copies kept by retention after DeleteShareMapping, "
+                                     "by share", labels=["share"])
+        for name in names:
+            retained.add_metric([name], sum(copy.share == name for copy in list(self.service.retained.values())))
+        yield retained
         yield GaugeMetricFamily("fsrvpd_shares", "Base shares configured", value=len(names))
         yield from held.values()
         yield pinned

@@ -25,3 +25,13 @@ class Observer:
 
     def snapshot_failed(self, backend: str) -> None:
         """An exposed snapshot was found broken (an overflowed classic LVM snapshot); its share is withdrawn."""
+
+    def sets_reaped(self, sets: int) -> None:
+        """The exposure TTL removed `sets` non-persistent sets their clients never deleted."""
+
+    def repaired(self, repair: str) -> None:
+        """Reconciliation repaired one thing: "interrupted_call", "copy_lost", "exposure_remade",
+        "share_withdrawn" or "share_published"."""
+
+    def retention_pruned(self, copies: int) -> None:
+        """Retention removed `copies` retained copies its policies no longer keep."""

@@ -171,7 +171,8 @@ class SambaShareCatalog:
                 backend=entry.backend if entry else self.default_backend,
                 store=entry.store if entry else None,
                 comment=params.get("comment", ""),
-                snapshot_size=entry.snapshot_size if entry else None)
+                snapshot_size=entry.snapshot_size if entry else None,
+                retention=entry.retention if entry else None)
         missing = sorted(entry.name for key, entry in self.mapped.items() if key not in shares)
         if missing:
             log.warning("shares in fsrvpd's configuration that Samba does not serve: %s", ", ".join(missing))

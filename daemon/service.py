@@ -3,47 +3,73 @@
 It ties the pure state machine (state.py) to the durable store, the storage backends and the
 front door.  Every state-changing call goes: check and change the machine, write the changed
 sets to the store (intent), act on storage and shares, write the outcome, answer.  A crash
-between any two steps leaves a record that `start` finishes or undoes.  Storage commands block,
-so they run in worker threads; one lock serialises state changes so calls from several clients
-never interleave half-way.
+between any two steps (crashpoints.py names each such point) leaves a record that reconciliation
+(reconcile.py, at start-up and every `timers.reconcile_seconds`) finishes or undoes.  Storage
+commands block, so they run in worker threads; one lock serialises state changes so calls from
+several clients never interleave half-way.  Commit and Expose answer by the client's
+TimeOutInMilliseconds even while a storage command hangs; the command, bounded by the
+per-command timeout, then finishes and is undone in the background, still holding the lock.
+
+What it does besides answering calls -- timer expiries, TTL reaping, repairs, retention
+pruning -- it reports to the `observer` (metrics.py counts it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
 import uuid
-from typing import Callable
+from typing import Awaitable, Callable, Iterable, Sequence
 
 from . import messages as m
-from .authz import Authorizer, changes_state
+from .authz import Authorizer
 from .backends.base import Backend, BackendError, FileStore, NotSupported, ShadowCopyRef
 from .config import Config, ShareConfig
 from .constants import FSRVP_MAX_VERSION, FSRVP_MIN_VERSION, HResult
+from .crashpoints import crash_point
 from .logs import HRESULT as HRESULT_FIELD, set_fields
 from .observer import Observer
-from .state import Refused, ShadowCopy, ShadowCopyMachine, ShadowCopySet, Status, is_exposed_share_name
-from .store import StateStore
+from .reconcile import Reconciliation
+from .retention import RetainedCopy, RetentionPolicy, retained_copy, to_prune
+from .state import Refused, ShadowCopy, ShadowCopyMachine, ShadowCopySet
+from .store import REMOVING, RETAINED, SETS, StateStore
 from .transports.base import Caller, FrontDoor, FrontDoorError, ShareSpec
 from .unc import BadUnc, parse_unc
 
 log = logging.getLogger("fsrvpd.service")
+audit = logging.getLogger("fsrvpd.audit")
 
 RETRY_REMOVAL_SECONDS = 5.0  # storage that was busy when it should have gone is tried again this soon
 GLOBALS_KEY = "globals"
 
 
 def copy_ref(scs: ShadowCopySet, copy: ShadowCopy) -> ShadowCopyRef:
-    return ShadowCopyRef(set_id=scs.set_id, copy_id=copy.copy_id, store=FileStore(**copy.store), source=copy.source)
+    return ShadowCopyRef.of(scs.set_id, copy.copy_id, copy.store, copy.source)
+
+
+def _audit(caller: Caller, request, decision, result: int) -> None:
+    """One line per call: who (SMB session and RPC principal), from where, what, on which share,
+    whether authorization let it through and why, and the HRESULT it got."""
+    principal = caller.rpc_principal or "-"
+    share = getattr(request, "share_name", "-") or "-"
+    level = logging.INFO if decision.allowed else logging.WARNING
+    audit.log(level, "%s by %s (rpc %s) from %s share=%s authz=%s (%s) result=%#010x",
+              type(request).__name__.removesuffix("Request"), f"{caller.domain}\\{caller.user}", principal,
+              caller.address, share, "allowed" if decision.allowed else "denied", decision.why, result,
+              extra={HRESULT_FIELD: f"{result:#010x}"})
 
 
 def _who(caller: Caller) -> str:
-    return f"{caller.domain}\\{caller.user}@{caller.address}"
+    """The RPC-authenticated principal if there is one, else the SMB session's user, and the address."""
+    principal = caller.rpc_principal
+    user, domain = (principal.user, principal.domain) if principal else (caller.user, caller.domain)
+    return f"{domain}\\{user}@{caller.address}"
 
 
-class FsrvpService:
+class FsrvpService(Reconciliation):
     """Answers the 13 FSRVP operations; see the module docstring for the order of effects."""
 
     def __init__(self, config: Config, store: StateStore, backends: dict[str, Backend], front_door: FrontDoor,
@@ -52,7 +78,8 @@ class FsrvpService:
                  share_lookup: Callable[[str], ShareConfig | None] | None = None):
         """`share_lookup` finds a base share by name (default: the configuration's shares; Samba's in
         samba mode, where smbd serves them)."""
-        self.authorizer = authorizer or Authorizer([*config.users, *config.allowed])
+        self.authorizer = authorizer or Authorizer([*config.users, *config.allowed], config.allowed_clients,
+                                                   config.open_queries)
         self._share_lookup = share_lookup
         self.store = store
         self.backends = backends
@@ -62,8 +89,11 @@ class FsrvpService:
         self.observer = observer or Observer()
         self.machine = ShadowCopyMachine(config.sequence_timeout, config.sequence_timeout_long)
         self.reconfigure(config)
+        self.retained: dict[uuid.UUID, RetainedCopy] = {}
+        self.removing: dict[uuid.UUID, dict] = {}  # copy id -> its removal record (see _persist)
         self.lock = asyncio.Lock()
-        self.removal_pending = False  # some storage could not be removed yet: sweep soon
+        self.removal_pending = False  # some storage could not be removed yet: reconcile soon
+        self._jobs: set[asyncio.Task] = set()  # Commit/Expose storage work (a late one runs on, holding the lock)
         self.handlers = {
             m.GetSupportedVersionRequest: self.get_supported_version,
             m.SetContextRequest: self.set_context,
@@ -82,111 +112,61 @@ class FsrvpService:
 
     # -- life cycle ---------------------------------------------------------------------------
     def reconfigure(self, config: Config) -> None:
-        """Take a (re)loaded configuration: shares, host names and timer values apply to the next call."""
+        """Take a (re)loaded configuration: shares, host names, timer values and retention policies
+        apply to the next call."""
         self.config = config
         self.host_names = config.own_host_names() | self.extra_host_names
         self.machine.set_timeouts(config.sequence_timeout, config.sequence_timeout_long)
+        self.machine.max_shares_per_set = config.limits.max_shares_per_set
 
     async def start(self) -> None:
-        """Reload the durable state, undo what a crash interrupted, republish exposures, sweep."""
-        self.machine.restore(self.store.load_sets(), self.store.load_setting(GLOBALS_KEY))
-        async with self.lock:
-            for scs in list(self.machine.sets.values()):
-                if scs.status is Status.COMMITTED and any(c.exposed_name for c in scs.copies):
-                    log.warning("set %s was being exposed when fsrvpd stopped; withdrawing its exposures",
-                                scs.set_id)
-                    await self._withdraw(scs)
-                    self.machine.end_expose(scs.set_id, ok=False, now=self.clock())
-                    self._persist(scs)
-                if scs.status is Status.CREATION_IN_PROGRESS:
-                    log.warning("set %s was being committed when fsrvpd stopped; undoing the commit", scs.set_id)
-                    await self._remove_storage(scs, scs.copies)
-                    self.machine.end_commit(scs.set_id, ok=False, now=self.clock())
-                    self._persist(scs)
-            for scs in self.machine.sets.values():
-                for copy in scs.copies:
-                    if copy.exposed_path:
-                        try:
-                            await self._publish(copy)
-                        except FrontDoorError as exc:
-                            log.error("cannot republish %s: %s", copy.exposed_name, exc)
-        log.info("state reloaded: %d shadow copy set(s)", len(self.machine.sets))
-        await self._remove_orphaned_shares()
-        await self.expire()
-        await self.sweep()
+        """Reload the durable state, fire overdue timers, then reconcile (see reconcile.py)."""
+        self.machine.restore(self.store.load(SETS), self.store.load_setting(GLOBALS_KEY))
+        self.retained = {r.copy_id: r for r in map(RetainedCopy.from_dict, self.store.load(RETAINED))}
+        self.removing = {uuid.UUID(body["copy_id"]): body for body in self.store.load(REMOVING)}
+        log.info("state reloaded: %d shadow copy set(s), %d retained cop%s", len(self.machine.sets),
+                 len(self.retained), "y" if len(self.retained) == 1 else "ies")
+        await self.tick()
+        await self.reconcile(starting=True)
 
     async def run_timers(self) -> None:
-        """Fire the Message Sequence Timer when due, and sweep orphans now and then."""
-        last_sweep = time.monotonic()
+        """Fire the Message Sequence Timer and the exposure TTL when due; reconcile now and then, and
+        soon after a removal failed (a clone smbd kept busy for a moment, say)."""
+        last_reconcile = time.monotonic()
         while True:
             await asyncio.sleep(min(1.0, self.config.sequence_timeout / 4))
-            await self.expire()
-            since_sweep = time.monotonic() - last_sweep
-            if since_sweep >= self.config.sweep_interval or (self.removal_pending and since_sweep >= RETRY_REMOVAL_SECONDS):
-                last_sweep = time.monotonic()
-                await self.sweep()
+            await self.tick()
+            since = time.monotonic() - last_reconcile
+            if since >= self.config.reconcile_interval or (self.removal_pending and since >= RETRY_REMOVAL_SECONDS):
+                last_reconcile = time.monotonic()
+                await self._withdraw_failing()
+                await self.reconcile()
 
-    async def expire(self) -> list[ShadowCopySet]:
+    async def tick(self) -> list[ShadowCopySet]:
+        """Delete the sets the sequence timer or the exposure TTL doomed, with their snapshots and
+        shares; returns them."""
         async with self.lock:
-            expired = self.machine.expire(self.clock())
-            if not expired:
+            now = self.clock()
+            expired = self.machine.expire(now)
+            reaped = self.machine.reap(now, self.config.exposure_ttl)
+            if not expired and not reaped:
                 return []
             for scs in expired:
                 log.warning("sequence timer expired: removing set %s (%s) of %s and its snapshots", scs.set_id,
                             scs.status.value, scs.client_address, extra=set_fields(scs))
-            self._persist(deleted=expired)
-            for scs in expired:
+            for scs in reaped:
+                log.warning("exposure TTL: removing set %s (%s, context %#x) of %s, exposed %.0f s ago and never "
+                            "deleted by its client", scs.set_id, scs.status.value, scs.context, scs.client_address,
+                            now - (scs.exposed_at or scs.started_at), extra=set_fields(scs))
+            self._persist(deleted=expired + reaped)
+            crash_point("expire.intent" if expired else "reap.intent")
+            for scs in expired + reaped:
                 await self._destroy(scs, scs.copies)
-            self.observer.timer_expired(len(expired))
-            return expired
-
-    async def _remove_orphaned_shares(self) -> None:
-        """Withdraw snapshot shares the front door still has but no set in the state exposes."""
-        async with self.lock:
-            live = {c.exposed_name for s in self.machine.sets.values() for c in s.copies if c.exposed_name}
-            for name in self.front_door.share_names():
-                if is_exposed_share_name(name) and name not in live:
-                    log.warning("removing orphaned snapshot share %s", name)
-                    await self._unpublish(name)
-
-    async def sweep(self) -> int:
-        """Remove shares and storage objects carrying our tags that no set in the state owns any more,
-        and withdraw the shares of snapshots that broke; count the storage objects removed.
-
-        Only in the pools of the configured shares and of the sets: another fsrvpd on the host (a
-        test's, say) keeps its own objects elsewhere, and they are not ours to judge.
-        """
-        await self._remove_orphaned_shares()
-        await self._withdraw_failing()
-        removed = 0
-        scope = {(store.backend, store.group) for _, store in await self._configured_stores()}
-        async with self.lock:
-            self.removal_pending = False
-            scope |= {(c.store["backend"], c.store["group"]) for s in self.machine.sets.values() for c in s.copies}
-            for backend in self.backends.values():
-                try:
-                    owned = await asyncio.to_thread(backend.owned)
-                except BackendError as exc:
-                    log.error("cannot list %s objects to sweep: %s", backend.name, exc)
-                    continue
-                orphans = left = 0
-                for obj in owned:
-                    if obj.group is not None and (backend.name, obj.group) not in scope:
-                        continue
-                    scs = self.machine.sets.get(obj.set_id)
-                    if scs is not None and (obj.copy_id is None or scs.copy(obj.copy_id) is not None):
-                        continue
-                    orphans += 1
-                    log.warning("removing orphaned %s %s (set %s)", obj.kind, obj.name, obj.set_id)
-                    try:
-                        await asyncio.to_thread(backend.remove_owned, obj)
-                    except BackendError as exc:
-                        left += 1
-                        log.error("cannot remove orphaned %s %s yet: %s", obj.kind, obj.name, exc)
-                        self.removal_pending = True
-                self.observer.swept(backend.name, orphans, left)
-                removed += orphans - left
-        return removed
+            if expired:
+                self.observer.timer_expired(len(expired))
+            if reaped:
+                self.observer.sets_reaped(len(reaped))
+            return expired + reaped
 
     async def _withdraw_failing(self) -> None:
         """Unpublish exposed copies whose snapshot cannot be served any more (an overflowed COW
@@ -217,21 +197,49 @@ class FsrvpService:
     async def handle(self, request, caller: Caller):
         """Answer one decoded request; refusals become HRESULTs, never exceptions."""
         handler = self.handlers[type(request)]
-        if changes_state(request) and not self.authorizer.allows(caller):
-            log.warning("%s from %s refused: E_ACCESSDENIED (not in Administrators, Backup Operators or the "
-                        "configured allow list)", type(request).__name__.removesuffix("Request"), _who(caller))
-            return m.failure_response(request, int(HResult.E_ACCESSDENIED))
-        try:
-            return await handler(request, caller)
-        except Refused as refused:
-            log.info("%s from %s refused: %s", type(request).__name__.removesuffix("Request"), _who(caller), refused,
-                     extra={HRESULT_FIELD: f"{int(refused.result):#010x}"})
-            return m.failure_response(request, int(refused.result))
+        decision = self.authorizer.decide(caller, request)
+        if not decision.allowed:
+            response = m.failure_response(request, int(HResult.E_ACCESSDENIED))
+        else:
+            try:
+                response = await handler(request, caller)
+            except Refused as refused:
+                log.info("%s from %s refused: %s", type(request).__name__.removesuffix("Request"), _who(caller),
+                         refused, extra={HRESULT_FIELD: f"{int(refused.result):#010x}"})
+                response = m.failure_response(request, int(refused.result))
+        _audit(caller, request, decision, response.result)
+        return response
 
-    def _persist(self, *changed: ShadowCopySet, deleted: list[ShadowCopySet] = ()) -> None:
-        """Write the changed sets and the server-wide context in one transaction."""
-        self.store.save([scs.to_dict() for scs in changed], [str(scs.set_id) for scs in deleted],
+    def _persist(self, *changed: ShadowCopySet, deleted: Sequence[ShadowCopySet] = (),
+                 removed: Sequence[tuple[ShadowCopySet, ShadowCopy]] = (), retained: Sequence[RetainedCopy] = (),
+                 unretained: Sequence[RetainedCopy] = ()) -> None:
+        """Write changed and deleted sets, retained copies and the server-wide context in one transaction.
+
+        Every copy that leaves the state -- those of deleted sets, `removed` ones, `unretained`
+        ones -- is recorded as being removed until its storage is confirmed gone (`_removed`), so
+        reconciliation knows what it may delete.
+        """
+        leaving = ([_removal(scs.set_id, copy) for scs in deleted for copy in scs.copies]
+                   + [_removal(scs.set_id, copy) for scs, copy in removed]
+                   + [_removal(copy.set_id, copy) for copy in unretained])
+        self.store.save({SETS: [scs.to_dict() for scs in changed], RETAINED: [r.to_dict() for r in retained],
+                         REMOVING: leaving},
+                        {SETS: [str(scs.set_id) for scs in deleted], RETAINED: [str(r.copy_id) for r in unretained]},
                         {GLOBALS_KEY: self.machine.globals_record()})
+        self.removing.update((uuid.UUID(body["copy_id"]), body) for body in leaving)
+
+    def _removed(self, copy_ids: Iterable[uuid.UUID]) -> None:
+        """The storage of these copies is confirmed gone: forget that they were being removed."""
+        done = [copy_id for copy_id in copy_ids if self.removing.pop(copy_id, None) is not None]
+        if done:
+            self.store.save(delete={REMOVING: [str(copy_id) for copy_id in done]})
+
+    def _persist_set(self, scs: ShadowCopySet, **retention) -> None:
+        """Write a set that may have lost its last copy (then it is deleted)."""
+        if scs.set_id in self.machine.sets:
+            self._persist(scs, **retention)
+        else:
+            self._persist(deleted=[scs], **retention)
 
     def _share(self, unc: str) -> ShareConfig:
         try:
@@ -282,6 +290,7 @@ class FsrvpService:
         for scs in discarded:
             log.warning("set %s (%s) dropped: %s started over", scs.set_id, scs.status.value, _who(caller))
         self._persist(deleted=discarded)
+        crash_point("set_context.persisted")
         for scs in discarded:
             await self._destroy(scs, scs.copies)
 
@@ -289,6 +298,7 @@ class FsrvpService:
         async with self.lock:
             scs = self.machine.start_set(request.client_set_id, caller.address, _who(caller), self.clock())
             self._persist(scs)
+            crash_point("start.persisted")
         log.info("set %s started by %s, context %#x", scs.set_id, _who(caller), scs.context)
         return m.StartShadowCopySetResponse(result=0, set_id=scs.set_id)
 
@@ -299,6 +309,7 @@ class FsrvpService:
             copy = self.machine.add(request.set_id, request.client_copy_id, share.name, request.share_name,
                                     dataclasses.asdict(store), self.clock())
             self._persist(self.machine.sets[request.set_id])
+            crash_point("add.persisted")
         log.info("set %s: %s added share %s (%s %s) as copy %s", request.set_id, _who(caller), share.name,
                  store.backend, store.name, copy.copy_id)
         return m.AddToShadowCopySetResponse(result=0, copy_id=copy.copy_id)
@@ -306,21 +317,73 @@ class FsrvpService:
     async def prepare_shadow_copy_set(self, request, caller):
         async with self.lock:
             self._persist(self.machine.prepare(request.set_id, self.clock()))
+            crash_point("prepare.persisted")
         return m.failure_response(request, 0)
 
+    async def _bounded(self, begin: Callable[[], ShadowCopySet],
+                       work: Callable[[ShadowCopySet, _Deadline], Awaitable[HResult]],
+                       timeout_ms: int) -> tuple[ShadowCopySet, HResult | None]:
+        """Under the state lock: `begin` (checks, intent), then storage `work` within TimeOutInMilliseconds.
+
+        Returns the set and the work's result, or None if the time ran out first.  Then the call is
+        answered at once, while the work goes on holding the lock -- no other call may touch the
+        state while a storage command runs -- until its command returns (each is bounded by the
+        per-command timeout) and it has undone what it did.
+        """
+        await self.lock.acquire()
+        try:
+            scs = begin()
+        except BaseException:
+            self.lock.release()
+            raise
+        deadline = _Deadline(timeout_ms)
+
+        async def holding_the_lock() -> HResult:
+            try:
+                return await work(scs, deadline)
+            finally:
+                deadline.in_time()  # an unexpected error answers the call at once, too
+                self.lock.release()
+
+        job = asyncio.create_task(holding_the_lock())
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
+        if await deadline.answered_in_time():
+            return scs, await job
+        job.add_done_callback(_log_failure)
+        return scs, None
+
     async def commit_shadow_copy_set(self, request, caller):
-        async with self.lock:
+        def begin() -> ShadowCopySet:
             scs = self.machine.begin_commit(request.set_id, self.clock())
             self._persist(scs)  # intent: snapshots named after this set are about to exist
-            result = await self._snapshot(scs, request.timeout_ms)
-            self.machine.end_commit(scs.set_id, ok=result == HResult.S_OK, now=self.clock())
-            self._persist(scs)
-        if result == HResult.S_OK:
+            crash_point("commit.intent")
+            return scs
+
+        scs, result = await self._bounded(begin, self._commit, request.timeout_ms)
+        if result is None:
+            log.error("commit of set %s still running after the client's %d ms: answered FSSAGENT_E_TIMEOUT; "
+                      "the snapshots are removed once the storage command returns", scs.set_id, request.timeout_ms)
+            result = HResult.FSSAGENT_E_TIMEOUT
+        elif result == HResult.S_OK:
             log.info("set %s committed by %s: %s", scs.set_id, _who(caller), ", ".join(c.share for c in scs.copies))
         return m.failure_response(request, int(result))
 
-    async def _snapshot(self, scs: ShadowCopySet, timeout_ms: int) -> HResult:
-        """Snapshot every copy, one backend call per backend; undo all of it on failure or timeout."""
+    async def _commit(self, scs: ShadowCopySet, deadline: _Deadline) -> HResult:
+        result = await self._snapshot(scs)
+        crash_point("commit.snapshotted")
+        if not deadline.in_time():
+            if result == HResult.S_OK:
+                log.error("set %s: snapshots taken after the client's deadline; removing them", scs.set_id)
+                await self._remove_storage(scs, scs.copies)
+            result = HResult.FSSAGENT_E_TIMEOUT
+        self.machine.end_commit(scs.set_id, ok=result == HResult.S_OK, now=self.clock())
+        self._persist(scs)
+        crash_point("commit.persisted")
+        return result
+
+    async def _snapshot(self, scs: ShadowCopySet) -> HResult:
+        """Snapshot every copy, one backend call per backend; undo all of it on failure."""
         refs_by_backend: dict[str, list[ShadowCopyRef]] = {}
         for copy in scs.copies:
             refs_by_backend.setdefault(copy.store["backend"], []).append(copy_ref(scs, copy))
@@ -331,66 +394,89 @@ class FsrvpService:
         except BackendError as exc:
             log.error("commit of set %s failed: %s", scs.set_id, exc)
             await self._remove_storage(scs, scs.copies)
-            return HResult.E_OUTOFMEMORY if exc.out_of_space else HResult.FSRVP_E_WAIT_FAILED
-        elapsed_ms = (time.monotonic() - started) * 1000
-        if _over(elapsed_ms, timeout_ms):
-            log.error("commit of set %s took %.0f ms, over the client's %d ms; undoing it", scs.set_id, elapsed_ms,
-                      timeout_ms)
-            await self._remove_storage(scs, scs.copies)
-            return HResult.FSSAGENT_E_TIMEOUT
-        log.info("set %s: %d snapshot(s) in %.0f ms", scs.set_id, len(scs.copies), elapsed_ms)
+            return _failure_result(exc)
+        log.info("set %s: %d snapshot(s) in %.0f ms", scs.set_id, len(scs.copies),
+                 (time.monotonic() - started) * 1000)
         return HResult.S_OK
 
     async def expose_shadow_copy_set(self, request, caller):
-        async with self.lock:
-            scs = self.machine.begin_expose(request.set_id, self.clock())
-            started = time.monotonic()
-            result = HResult.S_OK
-            try:
-                for copy in scs.copies:
-                    self.machine.expose_copy(scs.set_id, copy.copy_id)
-                    self._persist(scs)  # intent: the clone and share of this copy are about to exist
-                    backend = self.backends[copy.store["backend"]]
-                    copy.exposed_path = await asyncio.to_thread(backend.expose, copy_ref(scs, copy),
-                                                                not copy.read_only)
-                    self._persist(scs)
-                    await self._publish(copy)
-            except (BackendError, FrontDoorError) as exc:
-                log.error("expose of set %s failed: %s", scs.set_id, exc)
-                result = HResult.FSRVP_E_WAIT_FAILED
-            elapsed_ms = (time.monotonic() - started) * 1000
-            if result == HResult.S_OK and _over(elapsed_ms, request.timeout_ms):
-                log.error("expose of set %s took %.0f ms, over the client's %d ms; withdrawing it", scs.set_id,
-                          elapsed_ms, request.timeout_ms)
-                result = HResult.FSRVP_E_WAIT_TIMEOUT
-            if result != HResult.S_OK:
-                await self._withdraw(scs)
-            self.machine.end_expose(scs.set_id, ok=result == HResult.S_OK, now=self.clock())
-            self._persist(scs)
-        if result == HResult.S_OK:
+        scs, result = await self._bounded(lambda: self.machine.begin_expose(request.set_id, self.clock()),
+                                          self._expose, request.timeout_ms)
+        if result is None:
+            log.error("expose of set %s still running after the client's %d ms: answered FSRVP_E_WAIT_TIMEOUT; "
+                      "it is withdrawn once the storage command returns", scs.set_id, request.timeout_ms)
+            result = HResult.FSRVP_E_WAIT_TIMEOUT
+        elif result == HResult.S_OK:
             log.info("set %s exposed by %s as %s", scs.set_id, _who(caller),
                      ", ".join(f"{c.exposed_name} ({'read-only' if c.read_only else 'writable'})" for c in scs.copies))
         return m.failure_response(request, int(result))
 
+    async def _expose(self, scs: ShadowCopySet, deadline: _Deadline) -> HResult:
+        result = HResult.S_OK
+        try:
+            for copy in scs.copies:
+                if deadline.late:
+                    break
+                self.machine.expose_copy(scs.set_id, copy.copy_id)
+                self._persist(scs)  # intent: the clone and share of this copy are about to exist
+                crash_point("expose.intent")
+                backend = self.backends[copy.store["backend"]]
+                copy.exposed_path = await asyncio.to_thread(backend.expose, copy_ref(scs, copy), not copy.read_only)
+                crash_point("expose.cloned")
+                self._persist(scs)
+                crash_point("expose.recorded")
+                await self._publish(copy)
+                crash_point("expose.published")
+        except (BackendError, FrontDoorError) as exc:
+            log.error("expose of set %s failed: %s", scs.set_id, exc)
+            result = _failure_result(exc)
+        if not deadline.in_time():
+            result = HResult.FSRVP_E_WAIT_TIMEOUT
+        if result != HResult.S_OK:
+            await self._withdraw(scs)
+        self.machine.end_expose(scs.set_id, ok=result == HResult.S_OK, now=self.clock())
+        self._persist(scs)
+        crash_point("expose.persisted")
+        if result == HResult.FSRVP_E_OBJECT_NOT_FOUND:
+            await self._reconcile()  # forget the copies whose snapshots vanished
+        return result
+
     async def recovery_complete_shadow_copy_set(self, request, caller):
         async with self.lock:
             scs = self.machine.recovery_complete(request.set_id, self.clock())
-            self._persist(scs)
-            if scs.auto_recovery:
-                for copy in scs.copies:
-                    try:
-                        await self._publish(copy)  # the share refuses writes first, then the storage too
-                    except FrontDoorError as exc:
-                        log.error("share %s stays writable at the share level (the storage is made read-only "
-                                  "all the same): %s", copy.exposed_name, exc)
-                    await asyncio.to_thread(self.backends[copy.store["backend"]].make_read_only, copy_ref(scs, copy))
+            self._persist(scs)  # intent: Recovered, so a crash from here on finishes the job at start-up
+            crash_point("recovery.intent")
+            result = await self.make_read_only(scs)
+            if result != HResult.S_OK:
+                await self._reconcile()
         log.info("set %s recovered (read-only from now on), said %s", scs.set_id, _who(caller))
-        return m.failure_response(request, 0)
+        return m.failure_response(request, int(result))
+
+    async def make_read_only(self, scs: ShadowCopySet) -> HResult:
+        """Turn the set's writable copies read-only: the share refuses writes first, then the storage."""
+        for copy in scs.copies:
+            if copy.read_only or not copy.exposed_path:
+                continue
+            try:
+                await self._publish(copy, read_only=True)
+            except FrontDoorError as exc:
+                log.error("share %s stays writable at the share level (the storage is made read-only all the "
+                          "same): %s", copy.exposed_name, exc)
+            try:
+                await asyncio.to_thread(self.backends[copy.store["backend"]].make_read_only, copy_ref(scs, copy))
+            except BackendError as exc:
+                log.error("set %s: cannot make copy %s read-only: %s", scs.set_id, copy.copy_id, exc)
+                return _failure_result(exc)
+            crash_point("recovery.read_only")
+            copy.read_only = True
+            self._persist(scs)
+        return HResult.S_OK
 
     async def abort_shadow_copy_set(self, request, caller):
         async with self.lock:
             scs = self.machine.abort(request.set_id, self.clock())
             self._persist(deleted=[scs])
+            crash_point("abort.intent")
             await self._destroy(scs, scs.copies)
         log.info("set %s (%s) aborted by %s", scs.set_id, scs.status.value, _who(caller))
         return m.failure_response(request, 0)
@@ -423,12 +509,21 @@ class FsrvpService:
         share = self._share(request.share_name)
         async with self.lock:
             scs, copy = self.machine.delete_mapping(request.set_id, request.copy_id, share.name, self.clock())
-            if scs.set_id in self.machine.sets:
-                self._persist(scs)
+            kept = retained_copy(scs, copy, self.clock()) if share.retention else None
+            self._persist_set(scs, removed=[] if kept else [(scs, copy)], retained=[kept] if kept else [])
+            crash_point("delete.intent")
+            if copy.exposed_name:
+                await self._unpublish(copy.exposed_name)
+            crash_point("delete.unpublished")
+            if kept is None:
+                await self._remove_storage(scs, [copy])
             else:
-                self._persist(deleted=[scs])
-            await self._destroy(scs, [copy])
-        log.info("set %s: copy %s of %s deleted by %s", scs.set_id, copy.copy_id, share.name, _who(caller))
+                self.retained[kept.copy_id] = kept
+                if not kept.keeps_exposure:
+                    await self._remove_storage(scs, [copy], exposures_only=True)
+                await self.prune_retained()
+        log.info("set %s: copy %s of %s deleted by %s%s", scs.set_id, copy.copy_id, share.name, _who(caller),
+                 f"; its snapshot is retained ({_describe(share.retention)})" if kept else "")
         return m.failure_response(request, 0)
 
     # -- administration (fsrvpctl) -------------------------------------------------------------
@@ -477,13 +572,54 @@ class FsrvpService:
         return scs
 
     async def prune(self) -> dict[str, int]:
-        """Now rather than on the timers' schedule: drop expired sets and remove orphaned storage."""
-        return {"expired_sets": len(await self.expire()), "orphans_removed": await self.sweep()}
+        """Now rather than on the timers' schedule: drop expired sets and reconcile (orphans removed)."""
+        expired = await self.tick()
+        return {"expired_sets": len(expired), "orphans_removed": await self.reconcile()}
+
+    # -- retention (the admin API; see retention.py) -------------------------------------------
+    def retained_copies(self) -> list[RetainedCopy]:
+        """Every copy kept by retention, oldest first."""
+        return sorted(self.retained.values(), key=lambda r: (r.created_at, str(r.copy_id)))
+
+    async def remove_retained(self, copy_id: uuid.UUID) -> RetainedCopy:
+        """Delete one retained copy now, storage and all (Refused if there is no such copy)."""
+        async with self.lock:
+            doomed = self.retained.get(copy_id)
+            if doomed is None:
+                raise Refused(HResult.FSRVP_E_OBJECT_NOT_FOUND, f"no retained copy {copy_id}")
+            log.info("retained copy %s of %s (from %s) removed on request", copy_id, doomed.share,
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(doomed.created_at)))
+            await self._unretain([doomed])
+        return doomed
+
+    async def prune_retained(self) -> None:
+        """Delete the retained copies their share's policy no longer keeps (the caller holds the lock)."""
+        doomed = to_prune(self.retained.values(), self._retention_policy, self.clock())
+        for copy in doomed:
+            log.info("retention: pruning copy %s of %s (set %s, from %s)", copy.copy_id, copy.share, copy.set_id,
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(copy.created_at)))
+        await self._unretain(doomed)
+        if doomed:
+            self.observer.retention_pruned(len(doomed))
+
+    async def _unretain(self, doomed: list[RetainedCopy]) -> None:
+        if not doomed:
+            return
+        for copy in doomed:
+            del self.retained[copy.copy_id]
+        self._persist(unretained=doomed)
+        crash_point("prune.intent")
+        for copy in doomed:
+            await self._remove_refs([ShadowCopyRef.of(copy.set_id, copy.copy_id, copy.store)])
+
+    def _retention_policy(self, share: str) -> RetentionPolicy | None:
+        config = self.config.share(share)
+        return config.retention if config else None
 
     # -- effects ------------------------------------------------------------------------------
-    async def _publish(self, copy: ShadowCopy) -> None:
+    async def _publish(self, copy: ShadowCopy, read_only: bool | None = None) -> None:
         await self.front_door.publish_share(ShareSpec(name=copy.exposed_name, path=copy.exposed_path,
-                                                      read_only=copy.read_only,
+                                                      read_only=copy.read_only if read_only is None else read_only,
                                                       comment=f"shadow copy of {copy.share}", base=copy.share))
 
     async def _withdraw(self, scs: ShadowCopySet) -> None:
@@ -501,25 +637,79 @@ class FsrvpService:
         await self._remove_storage(scs, copies)
 
     async def _unpublish(self, name: str) -> None:
-        """A share that cannot be withdrawn now is an orphan: the sweep withdraws it later."""
+        """A share that cannot be withdrawn now is an orphan: reconciliation withdraws it later."""
         try:
             await self.front_door.unpublish_share(name)
         except FrontDoorError as exc:
-            log.error("could not withdraw share %s yet (the sweep retries): %s", name, exc)
+            log.error("could not withdraw share %s yet (reconciliation retries): %s", name, exc)
 
     async def _remove_storage(self, scs: ShadowCopySet, copies: list[ShadowCopy],
                               exposures_only: bool = False) -> None:
-        """Storage that cannot go now (busy) carries our tags: the sweep removes it later."""
-        for copy in copies:
-            backend = self.backends[copy.store["backend"]]
+        await self._remove_refs([copy_ref(scs, copy) for copy in copies], exposures_only)
+
+    async def _remove_refs(self, refs: list[ShadowCopyRef], exposures_only: bool = False) -> None:
+        """Storage that cannot go now (busy) carries our tags: reconciliation removes it later."""
+        gone = []
+        for ref in refs:
+            backend = self.backends[ref.store.backend]
             remove = backend.remove_exposure if exposures_only else backend.remove
             try:
-                await asyncio.to_thread(remove, copy_ref(scs, copy))
+                await asyncio.to_thread(remove, ref)
             except BackendError as exc:
-                log.error("could not remove storage of copy %s yet (the sweep retries): %s", copy.copy_id, exc)
+                log.error("could not remove storage of copy %s yet (reconciliation retries): %s", ref.copy_id, exc)
                 self.removal_pending = True
+            else:
+                gone.append(ref.copy_id)
+        if not exposures_only:
+            self._removed(gone)
 
 
-def _over(elapsed_ms: float, timeout_ms: int) -> bool:
-    """TimeOutInMilliseconds; 0 (which no Windows client sends) means no limit."""
-    return bool(timeout_ms) and elapsed_ms > timeout_ms
+class _Deadline:
+    """A client's TimeOutInMilliseconds for storage work, decided exactly once.
+
+    The call is answered when the work reports back or the time is up, whichever comes first; the
+    work, once its storage commands have returned, asks `in_time` whether to keep what it did or
+    undo it.  Neither side awaits between looking and deciding, so the two always agree.
+    """
+
+    def __init__(self, timeout_ms: int):
+        self.seconds = timeout_ms / 1000 if timeout_ms else None  # 0, which no Windows client sends: no limit
+        self.late = False
+        self._reported = asyncio.Event()
+
+    def in_time(self) -> bool:
+        if not self.late:
+            self._reported.set()
+        return not self.late
+
+    async def answered_in_time(self) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._reported.wait(), self.seconds)
+        self.late = not self._reported.is_set()
+        return not self.late
+
+
+def _removal(set_id: uuid.UUID, copy: ShadowCopy | RetainedCopy) -> dict:
+    """The record of a copy being removed: enough to know its objects on storage as ours."""
+    return {"copy_id": str(copy.copy_id), "set_id": str(set_id), "store": copy.store}
+
+
+def _failure_result(exc: BackendError | FrontDoorError) -> HResult:
+    """The HRESULT for a failed storage or share step: MS-FSRVP passes the shadow copy utility's error on."""
+    if getattr(exc, "out_of_space", False):
+        return HResult.E_OUTOFMEMORY  # Windows' text for it: "Not enough storage is available ..."
+    if getattr(exc, "missing", False):
+        return HResult.FSRVP_E_OBJECT_NOT_FOUND
+    return HResult.FSRVP_E_WAIT_FAILED
+
+
+def _log_failure(job: asyncio.Task) -> None:
+    """Late storage work has no caller left to tell: log what went wrong."""
+    if not job.cancelled() and job.exception() is not None:
+        log.error("storage work finishing after its deadline failed", exc_info=job.exception())
+
+
+def _describe(policy: RetentionPolicy) -> str:
+    rules = ([f"last {policy.keep_last}"] if policy.keep_last else []) + \
+        ([f"{policy.keep_days:g} days"] if policy.keep_days else [])
+    return "keep " + " or ".join(rules)

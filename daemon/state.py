@@ -20,9 +20,17 @@ The rules, after MS-FSRVP 3.1.1-3.1.5 (what we add is marked *):
   a failed Commit/Expose restarts it SHORT.  When it fires, every set that is not Recovered is
   deleted -- with its snapshots and shares* (Samba leaves them behind) -- and ContextSet clears.
 * One shadow copy per file store per set (FSRVP_E_OBJECT_ALREADY_EXISTS, timer SHORT); at most
-  MAX_SHARES_PER_SET copies* (E_INVALIDARG).
+  max_shares_per_set copies* (E_INVALIDARG; MAX_SHARES_PER_SET, 64 as in Windows, by default).
 * Commit and Expose are two-phase (`begin_*`, then `end_*`) because storage work happens in
   between, outside this module.  A failed commit is undone and the set goes back to Added*.
+* Persistent contexts* (NAS_ROLLBACK, APP_ROLLBACK: ATTR_PERSISTENT) keep a Recovered set until
+  the client deletes it.  Non-persistent ones (BACKUP, FILE_SHARE_BACKUP) are auto-release: a set
+  still exposed `ttl` seconds after its exposure (its client crashed before DeleteShareMapping)
+  is reaped*.  Persistence starts at RecoveryComplete: the sequence timer deletes a set that is
+  not Recovered whatever its context, as MS-FSRVP 3.1.5 says -- a rollback set never recovered
+  is an unfinished creation, not a copy the client decided to keep.
+* A copy whose storage vanished (its dataset destroyed behind our back) is forgotten*; a set
+  left without copies goes with it.
 
 Every method returns its result or raises Refused(hresult) having changed nothing -- except
 SetContext's retry limit, whose Refused carries the sets it deleted, and a duplicate Add, whose
@@ -37,7 +45,7 @@ import re
 import uuid
 from typing import Callable
 
-from .constants import ATTR_AUTO_RECOVERY, CONTEXT_ATTRIBUTES, Context, HResult
+from .constants import ATTR_AUTO_RECOVERY, ATTR_PERSISTENT, CONTEXT_ATTRIBUTES, Context, HResult
 
 MAX_SHARES_PER_SET = 64
 MAX_RETRIES = 5  # Windows' value for ShadowCopyClientRetryCount
@@ -108,7 +116,7 @@ class ShadowCopy:
     created_at: float | None = None  # unix time of the commit
     exposed_name: str | None = None  # share name `share@{GUID}` once exposure began
     exposed_path: str | None = None
-    read_only: bool = True
+    read_only: bool = True  # what the exposure is on storage (recorded after the storage change)
     source: str | None = None  # an admin's restore: the existing snapshot exposed (never removed)
 
 
@@ -122,10 +130,15 @@ class ShadowCopySet:
     principal: str
     started_at: float
     copies: list[ShadowCopy] = dataclasses.field(default_factory=list)
+    exposed_at: float | None = None  # unix time ExposeShadowCopySet succeeded, for the exposure TTL
 
     @property
     def auto_recovery(self) -> bool:
         return bool(self.context & ATTR_AUTO_RECOVERY)
+
+    @property
+    def persistent(self) -> bool:
+        return bool(self.context & ATTR_PERSISTENT)
 
     def copy(self, copy_id: uuid.UUID) -> ShadowCopy | None:
         return next((c for c in self.copies if c.copy_id == copy_id), None)
@@ -185,8 +198,9 @@ class ShadowCopyMachine:
     """All shadow copy sets, the server-wide context and the sequence timer; see the module rules."""
 
     def __init__(self, short_timeout: float = 180.0, long_timeout: float = 1800.0,
-                 new_id: Callable[[], uuid.UUID] = uuid.uuid4):
+                 new_id: Callable[[], uuid.UUID] = uuid.uuid4, max_shares_per_set: int = MAX_SHARES_PER_SET):
         self.set_timeouts(short_timeout, long_timeout)
+        self.max_shares_per_set = max_shares_per_set  # a reload may change it, for the next Add
         self.new_id = new_id
         self.sets: dict[uuid.UUID, ShadowCopySet] = {}
         self.context_set = False
@@ -278,8 +292,9 @@ class ShadowCopyMachine:
         if any(c.store["name"] == store["name"] and c.store["backend"] == store["backend"] for c in scs.copies):
             self._timer(Timer.SHORT, now)
             raise Refused(HResult.FSRVP_E_OBJECT_ALREADY_EXISTS, f"{store['name']} already has a copy in this set")
-        if len(scs.copies) >= MAX_SHARES_PER_SET:
-            raise Refused(HResult.E_INVALIDARG, f"a set holds at most {MAX_SHARES_PER_SET} shares")
+        if len(scs.copies) >= self.max_shares_per_set:
+            raise Refused(HResult.E_INVALIDARG, f"a set holds at most {self.max_shares_per_set} shares "
+                                                f"(limits.max_shares_per_set)")
         copy = ShadowCopy(copy_id=self.new_id(), client_copy_id=client_copy_id, share=share, unc=unc, store=store)
         scs.copies.append(copy)
         self._apply(scs, "add", now)
@@ -320,6 +335,7 @@ class ShadowCopyMachine:
         scs = self.sets[set_id]
         if ok:
             scs.status = S.EXPOSED
+            scs.exposed_at = now
         else:
             for copy in scs.copies:
                 copy.exposed_name = copy.exposed_path = None
@@ -327,11 +343,10 @@ class ShadowCopyMachine:
         return scs
 
     def recovery_complete(self, set_id: uuid.UUID, now: float) -> ShadowCopySet:
+        """Writable copies stay marked writable until the service has made them read-only on storage."""
         scs = self._find(set_id, "recovery_complete")
         self._apply(scs, "recovery_complete", now)
         self._clear_context()
-        for copy in scs.copies:
-            copy.read_only = True
         return scs
 
     def abort(self, set_id: uuid.UUID, now: float) -> ShadowCopySet:
@@ -405,6 +420,27 @@ class ShadowCopyMachine:
         self.deadline = None
         self._clear_context()
         return self._delete_unrecovered()
+
+    def reap(self, now: float, ttl: float) -> list[ShadowCopySet]:
+        """Delete non-persistent sets exposed for `ttl` seconds or more (0: never); returns them, for cleanup."""
+        if not ttl:
+            return []
+        doomed = [s for s in self.sets.values() if s.status in (S.EXPOSED, S.RECOVERED) and not s.persistent
+                  and (s.exposed_at if s.exposed_at is not None else s.started_at) + ttl <= now]
+        for scs in doomed:
+            del self.sets[scs.set_id]
+        if any(scs.status is not S.RECOVERED for scs in doomed):  # the set in creation: its sequence ends too
+            self.deadline = None
+            self._clear_context()
+        return doomed
+
+    def forget_copy(self, set_id: uuid.UUID, copy_id: uuid.UUID) -> ShadowCopySet:
+        """Drop a copy whose storage is gone; the set goes with its last copy (check `set_id in sets`)."""
+        scs = self.sets[set_id]
+        scs.copies.remove(scs.copy(copy_id))
+        if not scs.copies:
+            del self.sets[set_id]
+        return scs
 
     def shadow_copied(self, backend: str, store_name: str) -> bool:
         """IsPathShadowCopied: a copy of this store exists in a Committed/Exposed/Recovered set."""

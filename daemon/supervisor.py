@@ -24,8 +24,9 @@ import time
 from . import __version__
 from .admin import AdminCommands, AdminServer
 from .config import Config, ConfigError, ShareConfig, load
+from .crashpoints import crash_point
 from .metrics import Metrics
-from .rpcserver import serve_pipe
+from .rpcserver import ClientLimits, PipeSettings, serve_pipe
 from .runner import CommandRunner
 from .sdnotify import Notifier
 from .service import FsrvpService
@@ -35,7 +36,7 @@ log = logging.getLogger("fsrvpd")
 
 # Settings a reload cannot apply to a running daemon: they keep their running values until a restart.
 RESTART_SETTINGS = ("netbios_name", "domain", "front_door", "listen", "port", "users", "state_dir", "mount_root",
-                    "metrics_listen", "metrics_port", "admin_socket", "command_timeout", "log_level")
+                    "metrics_listen", "metrics_port", "admin_socket", "command_timeout", "log_level", "limits")
 
 
 class Supervisor:
@@ -53,6 +54,9 @@ class Supervisor:
         self.last_reload: dict | None = None
         self._reloading = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
+        self.pipe_settings = PipeSettings.from_config(service.config)  # a reload replaces it
+        self.clients = ClientLimits(service.config.limits.max_connections_per_client,
+                                    service.config.limits.max_calls_per_second)
 
     @property
     def config(self) -> Config:
@@ -60,9 +64,7 @@ class Supervisor:
 
     async def run(self) -> None:
         config = self.config
-        await self.service.start()
-        await self._sync_shares({}, config.shares)
-        await self.front_door.start(lambda reader, writer, caller: serve_pipe(self.service, reader, writer, caller))
+        await self.open()
         admin = AdminServer(config.admin_socket, AdminCommands(self))
         try:
             await admin.start()
@@ -72,6 +74,13 @@ class Supervisor:
             await self._serve_until_stopped()
         finally:
             await self._stop(admin)
+
+    async def open(self) -> None:
+        """The state reloaded and reconciled, the base shares published, the front door serving."""
+        await self.service.start()
+        await self._sync_shares({}, self.config.shares)
+        await self.front_door.start(lambda reader, writer, caller: serve_pipe(self.service, reader, writer, caller,
+                                                                              self.pipe_settings, self.clients))
 
     async def _serve_until_stopped(self) -> None:
         config = self.config
@@ -133,7 +142,9 @@ class Supervisor:
                     new = dataclasses.replace(new, aliases=old.aliases, shares=old.shares)
                 async with self.service.lock:
                     await self._sync_shares(old.shares, new.shares)
+                    crash_point("reload.shares_synced")
                     self.service.reconfigure(new)
+                    self.pipe_settings = PipeSettings.from_config(new)  # rpc.min_auth_level applies to new calls
                 ok, message = True, f"shares: {', '.join(s.name for s in new.shares.values()) or 'none'}"
                 log.info("configuration reloaded from %s; %s", new.source, message)
             self.metrics.config_reloaded(ok)

@@ -41,17 +41,18 @@ shares:
     path: $DEMO_DIR/vms
     backend: $BACKEND
 YAML
+chmod 600 "$DEMO_DIR/fsrvpd.yaml"  # it holds an NT hash
 
 cat <<TXT
 
 fsrvpd demo: share 'vms' on $STORE, embedded SMB server on 127.0.0.1:$PORT
-Try, in another terminal:
-  rpcclient -p $PORT -U backup%backup 127.0.0.1 -c 'fss_get_sup_version'
-  rpcclient -p $PORT -U backup%backup 127.0.0.1 -c 'fss_is_path_sup vms'
-  rpcclient -p $PORT -U backup%backup 127.0.0.1 -c 'fss_create_expose backup ro vms'
+Try, in another terminal (RPC calls must be signed ([sign]) or sealed ([seal]), as MS-FSRVP asks):
+  rpcclient -p $PORT -U backup%backup 'ncacn_np:127.0.0.1[sign]' -c 'fss_get_sup_version'
+  rpcclient -p $PORT -U backup%backup 'ncacn_np:127.0.0.1[sign]' -c 'fss_is_path_sup vms'
+  rpcclient -p $PORT -U backup%backup 'ncacn_np:127.0.0.1[seal]' -c 'fss_create_expose backup ro vms'
   smbclient -p $PORT -U backup%backup -L 127.0.0.1
   smbclient -p $PORT -U backup%backup '//127.0.0.1/vms@{<shadow copy id printed above>}' -c 'get disk.vhdx -'
-  rpcclient -p $PORT -U backup%backup 127.0.0.1 -c 'fss_delete vms <set id> <shadow copy id>'
+  rpcclient -p $PORT -U backup%backup 'ncacn_np:127.0.0.1[sign]' -c 'fss_delete vms <set id> <shadow copy id>'
   ${FSRVPD%fsrvpd}fsrvpctl -s $DEMO_DIR/admin.sock status    (also: sets, shares, doctor vms, prune, ...)
   curl -s http://127.0.0.1:$METRICS_PORT/metrics | grep ^fsrvpd_
 Ctrl-C stops fsrvpd.

@@ -15,6 +15,7 @@ from impacket.ntlm import compute_nthash
 
 from fsrvpd import cli, config
 from fsrvpd.config import ConfigError, load, parse
+from fsrvpd.retention import RetentionPolicy
 
 EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "etc" / "fsrvpd.example.yaml"
 HASH = "0123456789ABCDEF0123456789abcdef"
@@ -76,8 +77,16 @@ def test_minimal_config_gets_the_documented_defaults():
     assert (c.state_dir, c.mount_root) == ("/var/lib/fsrvpd", "/var/lib/fsrvpd/mnt")
     assert (c.sequence_timeout, c.sequence_timeout_long) == (180, 1800)  # MS-FSRVP 3.1.2.1
     assert c.command_timeout == 60
+    assert (c.exposure_ttl, c.reconcile_interval) == (86400, 60)
     assert c.shares == {"vms": config.ShareConfig(name="vms", path="/tank/vms", backend="zfs", store=None, comment="")}
     assert c.log_level == "info"
+
+
+def test_retention_rules_are_optional_each():
+    c = parse(MINIMAL + "    retention:\n      keep_last: 3\n")
+    assert c.share("vms").retention == RetentionPolicy(keep_last=3, keep_days=None)
+    c = parse(MINIMAL + "    retention:\n      keep_days: 0.5\n")
+    assert c.share("vms").retention == RetentionPolicy(keep_last=None, keep_days=0.5)
 
 
 def test_mount_root_follows_state_dir():
@@ -151,6 +160,14 @@ MISTAKES = {
     "long timer over a day": ("timers:\n  sequence_long_seconds: 86401\n", 2, "timers.sequence_long_seconds",
                               "outside"),
     "timer not finite": ("timers:\n  sequence_seconds: inf\n", 2, "timers.sequence_seconds", "outside"),
+    "negative exposure TTL": ("timers:\n  exposure_ttl_seconds: -1\n", 2, "timers.exposure_ttl_seconds", "outside"),
+    "reconcile 0": ("timers:\n  reconcile_seconds: 0\n", 2, "timers.reconcile_seconds", "outside"),
+    "retention without a rule": ("shares:\n  vms:\n    path: /a\n    retention: {}\n", 4, "shares.vms.retention",
+                                 "keep_last, keep_days or both"),
+    "retention keep_last 0": ("shares:\n  vms:\n    path: /a\n    retention:\n      keep_last: 0\n", 5,
+                              "shares.vms.retention.keep_last", "outside"),
+    "retention misspelt": ("shares:\n  vms:\n    path: /a\n    retention:\n      keep: 3\n", 5,
+                           "shares.vms.retention.keep", "not a known"),
     "command timeout over an hour": ("storage:\n  command_timeout_seconds: 3601\n", 2,
                                      "storage.command_timeout_seconds", "outside"),
     # the document as a whole

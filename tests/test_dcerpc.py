@@ -12,11 +12,15 @@ from typing import NamedTuple
 
 import pytest
 from hypothesis import given, settings, strategies as st
+from impacket import ntlm as impacket_ntlm
 from impacket.dcerpc.v5 import rpcrt
 from impacket.uuid import uuidtup_to_bin
 
 from fsrvpd import dcerpc
 from fsrvpd.constants import FSRVP_INTERFACE_UUID
+from fsrvpd.rpcserver import embedded_security_providers
+from tests.support.inmemory import InMemoryPipe
+from tests.support.ntlmpeer import ImpacketPeer
 
 BIND, BIND_ACK, BIND_NAK, ALTER, ALTER_RESP = 11, 12, 13, 14, 15
 REQUEST, RESPONSE, FAULT, AUTH3, SHUTDOWN, CO_CANCEL, ORPHANED = 0, 2, 3, 16, 17, 18, 19
@@ -111,7 +115,8 @@ def split_pdus(data: bytes) -> list[Pdu]:
     while data:
         version, minor, ptype, flags, drep, frag_length, auth_length, call_id = \
             struct.unpack_from("<BBBB4sHHI", data)
-        assert (version, minor, drep, auth_length) == (5, 0, LE_DREP, 0)
+        assert (version, minor, drep) == (5, 0, LE_DREP)
+        assert auth_length == 0 or ptype in (BIND_ACK, ALTER_RESP, RESPONSE)  # faults are never signed
         assert 16 <= frag_length <= len(data)
         pdus.append(Pdu(ptype, flags, call_id, data[16:frag_length], frag_length))
         data = data[frag_length:]
@@ -722,33 +727,6 @@ def test_plausible_pdus_never_raise(pdus, answer_calls):
 
 # -- an independent client: impacket's DCERPC_v5 over an in-memory pipe -------------------------
 
-class InMemoryPipe:
-    """The transport impacket's DCERPC_v5 drives, delivering straight to a ServerConnection.
-
-    The server side echoes each call's stub, and faults opnum 99 as an unknown operation.
-    """
-
-    def __init__(self, server: dcerpc.ServerConnection) -> None:
-        self.server = server
-        self.to_client = bytearray()
-
-    def send(self, data: bytes, forceWriteAndx: int = 0, forceRecv: int = 0) -> None:
-        for event in self.server.receive_data(data):
-            assert isinstance(event, dcerpc.RpcCall), event
-            if event.opnum == 99:
-                self.server.send_fault(event, dcerpc.NCA_S_OP_RNG_ERROR)
-            else:
-                self.server.send_response(event, event.stub)
-        self.to_client += self.server.data_to_send()
-
-    def recv(self, forceRecv: int = 0, count: int = 0) -> bytes:
-        """`count` bytes, or the next whole PDU as a message-mode pipe delivers it."""
-        size = count or struct.unpack_from("<H", self.to_client, 8)[0]
-        data = bytes(self.to_client[:size])
-        del self.to_client[:size]
-        return data
-
-
 FSRVP_FOR_IMPACKET = uuidtup_to_bin((str(FSRVP_INTERFACE_UUID), "1.0"))
 
 
@@ -791,3 +769,241 @@ def test_impacket_unknown_interface_is_rejected():
     client = rpcrt.DCERPC_v5(InMemoryPipe(new_connection()))
     with pytest.raises(rpcrt.DCERPCException, match="abstract_syntax_not_supported"):
         client.bind(uuidtup_to_bin(("12345778-1234-abcd-ef00-0123456789ab", "0.0")))
+
+
+# -- authenticated connections: NTLMSSP with impacket's client, verifiers checked both ways ---------
+
+USER, PASSWORD, DOMAIN = "backup", "secret", "WORKGROUP"
+WINNT, NEGOTIATE, KERBEROS = 10, 9, 16
+INTEGRITY = 5
+SUPPORT_HEADER_SIGN = 0x04
+
+
+def secured_connection(**kwargs) -> dcerpc.ServerConnection:
+    providers = embedded_security_providers({USER: impacket_ntlm.compute_nthash(PASSWORD).hex()}, DOMAIN, "FSRVPD")
+    return new_connection(security_providers=providers, **kwargs)
+
+
+class AuthenticatedPipe(InMemoryPipe):
+    """An in-memory pipe that checks every response verifier with an independent NTLM peer
+    (impacket's client checks none)."""
+
+    peer: ImpacketPeer | None = None
+
+    def delivered(self, output: bytes) -> None:
+        if self.peer is not None:
+            for packet in split_protected(output):
+                self.check(packet)
+        super().delivered(output)
+
+    def check(self, packet: bytes) -> None:
+        auth_length = struct.unpack_from("<H", packet, 10)[0]
+        if packet[2] != RESPONSE:
+            return
+        assert auth_length == 16
+        trailer_start = len(packet) - 16 - 8
+        auth_type, level, pad, _, _ = struct.unpack_from("<BBBBI", packet, trailer_start)
+        assert (len(packet) - 24 - 8 - 16) % 16 == 0  # stub plus padding: whole 16-byte blocks
+        self.peer.check_server(packet[:-16], packet[-16:], sealed=level == PKT_PRIVACY,
+                               body=slice(24, trailer_start))
+
+
+def split_protected(data: bytes) -> list[bytes]:
+    packets = []
+    while data:
+        length = struct.unpack_from("<H", data, 8)[0]
+        packets.append(data[:length])
+        data = data[length:]
+    return packets
+
+
+def authenticated_client(level: int, server=None, password: str = PASSWORD, tamper=None):
+    server = server or secured_connection()
+    pipe = AuthenticatedPipe(server, tamper)
+    client = rpcrt.DCERPC_v5(pipe)
+    client.set_credentials(USER, password, DOMAIN)
+    client.set_auth_type(rpcrt.RPC_C_AUTHN_WINNT)
+    client.set_auth_level(level)
+    client.bind(FSRVP_FOR_IMPACKET)
+    if password == PASSWORD:
+        pipe.peer = ImpacketPeer(client._DCERPC_v5__sessionKey, client._DCERPC_v5__flags)
+    return client, pipe, server
+
+
+@pytest.mark.parametrize("level", [INTEGRITY, PKT_PRIVACY], ids=["integrity", "privacy"])
+def test_ntlm_connection_carries_the_principal_and_protects_100_kib_both_ways(level):
+    client, pipe, server = authenticated_client(level)
+    results = [event for event in pipe.events if isinstance(event, dcerpc.AuthenticationResult)]
+    assert [(result.principal.user, result.principal.level) for result in results] == [(USER, level)]
+    stub = bytes(range(256)) * 400
+    client.call(3, stub)
+    assert client.recv() == stub
+    call, = [event for event in pipe.events if isinstance(event, dcerpc.RpcCall)]
+    assert call.stub == stub and call.principal.user == USER and call.principal.domain == DOMAIN
+    assert call.principal.auth_type == WINNT and call.principal.level == level
+    assert pipe.peer.server_sequence > 20  # every response fragment was signed and checked
+    assert not server.closed
+
+
+def test_ntlm_request_is_sealed_on_the_wire():
+    client, pipe, _ = authenticated_client(PKT_PRIVACY)
+    client.call(1, b"SECRET-STUB-BYTES" * 4)
+    client.recv()
+    assert b"SECRET-STUB-BYTES" not in pipe.sent[-1]
+
+
+def captured_request(level: int) -> tuple[rpcrt.DCERPC_v5, AuthenticatedPipe, dcerpc.ServerConnection, bytes]:
+    client, pipe, server = authenticated_client(level)
+    client.call(1, b"first call stub!")
+    client.recv()
+    return client, pipe, server, pipe.sent[-1]
+
+
+def flip(data: bytes, offset: int) -> bytes:
+    return data[:offset] + bytes([data[offset] ^ 0x01]) + data[offset + 1:]
+
+
+@pytest.mark.parametrize("level", [INTEGRITY, PKT_PRIVACY], ids=["integrity", "privacy"])
+@pytest.mark.parametrize("tamper", [
+    lambda pdu: pdu,  # a replay: the sequence number is spent
+    lambda pdu: flip(pdu, 30),  # stub
+    lambda pdu: flip(pdu, 22),  # opnum in the request header: covered by the verifier
+    lambda pdu: flip(pdu, len(pdu) - 1),  # verifier
+    lambda pdu: flip(pdu, len(pdu) - 20),  # auth_context_id in the sec_trailer
+    lambda pdu: pdu[:-24] + struct.pack("<BBBBI", WINNT, INTEGRITY + PKT_PRIVACY - pdu[-23], pdu[-22], 0,
+                                        struct.unpack_from("<I", pdu, len(pdu) - 20)[0]) + pdu[-16:],  # level
+], ids=["replayed", "stub", "header", "verifier", "context-id", "other-level"])
+def test_altered_or_replayed_request_is_refused_and_closes(level, tamper):
+    _, _, server, request_pdu = captured_request(level)
+    assert_rejected_with_fault(server, tamper(request_pdu), dcerpc.RPC_S_ACCESS_DENIED,
+                               call_id=struct.unpack_from("<I", request_pdu, 12)[0], did_not_execute=False)
+
+
+def test_unsigned_request_on_an_authenticated_connection_is_refused():
+    _, _, server, _ = captured_request(INTEGRITY)
+    assert_rejected_with_fault(server, request(9, b"x"), dcerpc.RPC_S_ACCESS_DENIED, call_id=9,
+                               did_not_execute=False)
+
+
+def test_wrong_password_is_refused_at_the_first_request():
+    client, pipe, server = authenticated_client(INTEGRITY, password="wrong")
+    failures = [event for event in pipe.events if isinstance(event, dcerpc.AuthenticationResult)]
+    assert len(failures) == 1 and failures[0].principal is None and "wrong password" in failures[0].reason
+    assert not server.closed and pipe.to_client == b""  # auth3 gets no answer
+    events, pdus = exchange(server, request(2, b"x"))
+    assert parse_fault(pdus[0]) == (0, dcerpc.RPC_S_ACCESS_DENIED) and server.closed
+
+
+def handshake_started(flags: int = WHOLE) -> tuple[dcerpc.ServerConnection, bytes]:
+    """A server that answered an NTLMSSP bind; its bind_ack."""
+    server = secured_connection()
+    negotiate = impacket_ntlm.getNTLMSSPType1("", "", signingRequired=True).getData()
+    events, pdus = exchange(server, bind(context(0, FSRVP, NDR), flags=flags, with_auth=dict(
+        auth_type=WINNT, level=INTEGRITY, token=negotiate)))
+    assert events == [] and pdus[0].ptype == BIND_ACK
+    return server, pdus[0]
+
+
+def test_bind_ack_carries_the_challenge_and_answers_header_signing():
+    _, ack = handshake_started(flags=WHOLE | SUPPORT_HEADER_SIGN)
+    assert ack.flags & SUPPORT_HEADER_SIGN
+    assert b"NTLMSSP\0\x02\0\0\0" in ack.body
+    auth_type, level, pad, _, context_id = struct.unpack_from("<BBBBI", ack.body, ack.body.index(b"NTLMSSP") - 8)
+    assert (auth_type, level, context_id) == (WINNT, INTEGRITY, 79231)
+
+
+def test_request_before_the_handshake_finished_is_a_protocol_error():
+    server, _ = handshake_started()
+    assert_rejected_with_fault(server, request(2, b"x"), dcerpc.NCA_S_PROTO_ERROR, call_id=2)
+
+
+def test_alter_context_without_auth_during_the_handshake_is_refused():
+    server, _ = handshake_started()
+    assert_rejected_with_fault(server, alter(context(1, FSRVP, NDR)), dcerpc.RPC_S_SEC_PKG_ERROR, call_id=2)
+
+
+def test_alter_context_with_auth_after_the_handshake_is_refused():
+    _, _, server, _ = captured_request(INTEGRITY)
+    assert_rejected_with_fault(server, alter(context(1, FSRVP, NDR), call_id=7, with_auth=dict(
+        auth_type=WINNT, level=INTEGRITY)), dcerpc.RPC_S_ACCESS_DENIED, call_id=7)
+
+
+def test_second_security_context_on_a_connection_is_refused():
+    """impacket's alter_ctx builds a new security context on the same connection: that would be
+    security context multiplexing, which fsrvpd does not negotiate."""
+    client, _, server = authenticated_client(INTEGRITY)
+    with pytest.raises(rpcrt.DCERPCException, match="access_denied"):
+        client.alter_ctx(FSRVP_FOR_IMPACKET)
+    assert server.closed
+
+
+@pytest.mark.parametrize("auth, reason", [
+    (dict(auth_type=KERBEROS, level=INTEGRITY), NAK_AUTH_TYPE),  # no keytab: Kerberos is not offered
+    (dict(auth_type=WINNT, level=2), NAK_NOT_SPECIFIED),  # connect level protects nothing
+    (dict(auth_type=WINNT, level=3), NAK_NOT_SPECIFIED),  # call level, likewise
+    (dict(auth_type=WINNT, level=INTEGRITY, token=b"not NTLMSSP"), 9),  # invalid_checksum
+    (dict(auth_type=NEGOTIATE, level=INTEGRITY, token=b"\x60\x00"), 9),
+])
+def test_binds_the_security_providers_cannot_serve_get_bind_nak(auth, reason):
+    assert_rejected_with_bind_nak(secured_connection(), bind(context(0, FSRVP, NDR), with_auth=auth), reason)
+
+
+def test_auth3_for_another_context_fails_the_connection():
+    server, _ = handshake_started()
+    trailer, auth_length = auth_trailer(4, auth_type=WINNT, level=PKT_PRIVACY, token=b"NTLMSSP\0\3\0\0\0")
+    events, pdus = exchange(server, pdu(AUTH3, bytes(4) + trailer, call_id=1, auth_length=auth_length))
+    assert pdus == [] and isinstance(events[0], dcerpc.AuthenticationResult) and events[0].principal is None
+    assert_rejected_with_fault(server, request(2, b"x"), dcerpc.RPC_S_ACCESS_DENIED, call_id=2,
+                               did_not_execute=False)
+
+
+# -- verification trailer (MS-RPCE 2.2.2.13) ----------------------------------------------------
+
+VT_MAGIC = bytes.fromhex("8ae3137102f43671")
+
+
+def verification_trailer(*commands: tuple[int, bytes]) -> bytes:
+    body = b""
+    for index, (command, data) in enumerate(commands):
+        if index == len(commands) - 1:
+            command |= 0x4000
+        body += struct.pack("<HH", command, len(data)) + data
+    return VT_MAGIC + body
+
+
+def header2(call_id: int, context_id: int = 0, opnum: int = 0) -> tuple[int, bytes]:
+    return 3, struct.pack("<BBH4sIHH", REQUEST, 0, 0, LE_DREP, call_id, context_id, opnum)
+
+
+def test_verification_trailer_is_checked_and_removed():
+    connection = bound_connection()
+    stub = b"ndr!" + verification_trailer((1, bytes(4)), (2, FSRVP + NDR), header2(2, opnum=5))
+    events, _ = exchange(connection, request(2, stub, opnum=5))
+    assert events[0].stub == b"ndr!"
+
+
+@pytest.mark.parametrize("commands", [
+    [header2(2, opnum=6)],  # another opnum than the request's
+    [(2, OTHER_INTERFACE + NDR)],  # another interface than the bound one
+    [(1, b"\1\0\0\0")],  # claims header signing the bind did not ask for
+    [(0x8000 | 7, b"")],  # an unknown command the server must process
+])
+def test_verification_trailer_that_does_not_match_faults_the_call(commands):
+    connection = bound_connection()
+    assert_rejected_with_fault(connection, request(2, b"ndr!" + verification_trailer(*commands), opnum=5),
+                               dcerpc.RPC_S_ACCESS_DENIED, call_id=2, closes=False)
+    events, _ = exchange(connection, request(3, b"next"))
+    assert events[0].stub == b"next"
+
+
+def test_magic_inside_stub_data_is_left_alone():
+    stub = b"data" + VT_MAGIC + b"\x01\x00\xff\x7f"  # a command that runs past the end: not a trailer
+    events, _ = exchange(bound_connection(), request(2, stub))
+    assert events[0].stub == stub
+
+
+def test_alter_context_without_auth_adds_a_context_to_an_authenticated_connection():
+    _, _, server, _ = captured_request(INTEGRITY)
+    events, pdus = exchange(server, alter(context(1, FSRVP, NDR), call_id=7))
+    assert events == [] and pdus[0].ptype == ALTER_RESP and not server.closed
+    assert parse_context_ack(pdus[0]).results == [(ACCEPTANCE, 0, NDR)]

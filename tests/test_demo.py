@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -52,8 +53,7 @@ class Demo:
 def printed_command(output: str, fss_command: str) -> list[str]:
     """The rpcclient line the demo printed for this command, as argv."""
     line = next(line.strip() for line in output.splitlines() if f"-c '{fss_command}" in line)
-    before, command = line.split(" -c ")
-    return [*before.split(), "-c", command.strip("'")]
+    return shlex.split(line)
 
 
 def test_demo_starts_serves_stops_on_ctrl_c_and_starts_again(zfs_daemon, samba_clients, tmp_path):

@@ -9,18 +9,18 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 import uuid
 
 import pytest
-from impacket.smbconnection import SMBConnection
 
 from fsrvpd import messages as m
 from fsrvpd.client import FsrvpError, RpcFault
-from fsrvpd.constants import ATTR_AUTO_RECOVERY, HResult, PIPE_NAME
+from fsrvpd.constants import ATTR_AUTO_RECOVERY, Context, HResult
 from fsrvpd.dcerpc import NCA_S_FAULT_NDR, NCA_S_OP_RNG_ERROR
-from tests.support.daemon import NETBIOS_NAME, PASSWORD, USER, FsrvpDaemon, ours_after_cleanup, ours_on_storage
+from tests.support.daemon import NETBIOS_NAME, FsrvpDaemon, RawPipe, ours_after_cleanup, ours_on_storage
 
 pytestmark = pytest.mark.zfs
 
@@ -110,39 +110,84 @@ def test_bad_input_gets_the_spec_error_codes_and_the_daemon_keeps_serving(daemon
         assert client.get_supported_version() == (1, 1)
 
 
-def test_foreign_host_in_a_unc_is_refused_without_connecting_anywhere(daemon):
-    """ShadowCoerce: a path naming another host must not make the server connect to it."""
-    connections = []
-    listeners = []
-    for port in (445, 139):
-        listener = socket.create_server(("127.0.0.2", port))
-        listener.settimeout(0.2)
-        listeners.append(listener)
-    stop = threading.Event()
+# Share paths a ShadowCoerce-style caller might send: other hosts by name, IP literal (in every
+# spelling), device and long-path prefixes, WebDAV forms, overlong names, path traversal.
+COERCING_PATHS = [
+    "\\\\attacker\\share", "\\\\attacker.example\\vms\\", "\\\\127.0.0.2\\vms", "\\\\127.0.0.2\\vms\\",
+    "\\\\10.0.0.1\\vms", "\\\\[::ffff:127.0.0.2]\\vms", "\\\\2130706434\\vms", "\\\\0x7f000002\\vms",
+    "\\\\127.0.0.2@445\\vms", "\\\\127.0.0.2@SSL@80\\vms", "\\\\attacker@80\\DavWWWRoot\\vms",
+    "\\\\?\\UNC\\127.0.0.2\\vms", f"\\\\?\\UNC\\{NETBIOS_NAME}\\vms", "\\\\.\\UNC\\127.0.0.2\\vms",
+    "\\\\?\\C:\\", "//127.0.0.2/vms", "\\\\127.0.0.2/vms", f"\\\\{NETBIOS_NAME}\\vms\\..\\..\\127.0.0.2\\vms",
+    f"\\\\{NETBIOS_NAME}\\..", f"\\\\{NETBIOS_NAME}\\.", f"\\\\{NETBIOS_NAME}\\vms/..",
+    f"\\\\{NETBIOS_NAME}\\vms/../sql", f"\\\\{NETBIOS_NAME}\\..\\vms", f"\\\\{NETBIOS_NAME}/vms",
+    "\\\\" + "a" * 300 + "\\vms", f"\\\\{NETBIOS_NAME}\\" + "v" * 100, "\\\\" + "x." * 500 + "\\vms",
+]
 
-    def watch():
-        while not stop.is_set():
-            for listener in listeners:
+
+def ndr_string(text: str) -> bytes:
+    """A [string] wchar_t* exactly as given, embedded NULs included (our encoder refuses those)."""
+    units = text.encode("utf-16-le") + b"\0\0"
+    return struct.pack("<III", len(units) // 2, 0, len(units) // 2) + units + bytes(-len(units) % 4)
+
+
+class ListenerOnAnotherHost:
+    """TCP listeners on 127.0.0.2 (SMB, NetBIOS, WebDAV ports) recording every connection."""
+
+    PORTS = (445, 139, 80)
+
+    def __init__(self) -> None:
+        self.connections: list = []
+        self._listeners = [socket.create_server(("127.0.0.2", port)) for port in self.PORTS]
+        for listener in self._listeners:
+            listener.settimeout(0.1)
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            for listener in self._listeners:
                 try:
-                    connections.append(listener.accept())
+                    self.connections.append(listener.accept())
                 except (TimeoutError, OSError):
                     pass
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        with daemon.client() as client:
-            for request in (m.IsPathSupportedRequest("\\\\127.0.0.2\\vms"),
-                            m.IsPathShadowCopiedRequest("\\\\127.0.0.2\\vms\\"),
-                            m.IsPathSupportedRequest("\\\\attacker.example\\vms")):
-                assert result_of(client, request) == H.E_INVALIDARG
-        time.sleep(0.5)
-    finally:
-        stop.set()
-        watcher.join()
-        for listener in listeners:
+    def __enter__(self) -> ListenerOnAnotherHost:
+        self._watcher.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        time.sleep(0.5)  # anything the daemon started connecting would have arrived by now
+        self._stop.set()
+        self._watcher.join()
+        for listener in self._listeners:
             listener.close()
-    assert connections == []
+
+
+def test_coercing_share_paths_are_refused_without_connecting_anywhere(zfs_pool, tmp_path, samba_clients):
+    """ShadowCoerce (CVE-2022-30154): no path in a request may make the server connect anywhere."""
+    daemon = FsrvpDaemon(zfs_pool, tmp_path)
+    daemon.config["limits"] = {"max_calls_per_second": 10000}  # some 250 calls in a burst
+    with daemon.start(), ListenerOnAnotherHost() as listener, daemon.client() as client:
+        client.set_context(0)
+        set_id = client.start_shadow_copy_set()
+        for path in COERCING_PATHS:
+            for request in (m.IsPathSupportedRequest(path), m.IsPathShadowCopiedRequest(path),
+                            m.AddToShadowCopySetRequest(uuid.uuid4(), set_id, path)):
+                try:
+                    result = result_of(client, request)
+                except RpcFault as fault:  # longer than limits.max_string_chars: refused while decoding
+                    assert fault.status == NCA_S_FAULT_NDR and len(path) >= 1024, (path, fault)
+                    continue
+                assert result in (H.E_INVALIDARG, H.FSRVP_E_OBJECT_NOT_FOUND), (path, request, result)
+        for opnum, path in ((m.Opnum.IsPathSupported, f"\\\\{NETBIOS_NAME}\\vms\0\\\\127.0.0.2\\vms"),
+                            (m.Opnum.IsPathShadowCopied, "\\\\127.0.0.2\\vms\0")):
+            with pytest.raises(RpcFault) as embedded_nul:
+                client.raw_rpc_call(int(opnum), ndr_string(path))
+            assert embedded_nul.value.status == NCA_S_FAULT_NDR
+        client.abort(set_id)
+        assert client.is_path_supported("vms") == (True, NETBIOS_NAME)  # still serving
+    assert listener.connections == []
+    assert ours_on_storage(daemon.pool) == []
 
 
 def test_shares_that_are_not_a_dataset_root_are_not_supported(zfs_pool, tmp_path, samba_clients):
@@ -162,18 +207,10 @@ def test_shares_that_are_not_a_dataset_root_are_not_supported(zfs_pool, tmp_path
 
 def pipe_answers(daemon, garbage: bytes) -> list[bytes]:
     """Write raw bytes on a fresh FssagentRpc pipe; what comes back until the daemon closes it."""
-    smb = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=daemon.port)
-    smb.login(USER, PASSWORD)
-    tree = smb.connectTree("IPC$")
-    pipe = smb.openFile(tree, "\\" + PIPE_NAME)
-    smb.writeFile(tree, pipe, garbage)
-    answers = []
-    try:
-        while len(answers) < 3 and (answer := smb.readFile(tree, pipe)):
-            answers.append(answer)
-    except Exception:  # the pipe is gone: the daemon closed it
-        pass
-    smb.close()
+    pipe = RawPipe(daemon.port)
+    pipe.write(garbage)
+    answers = pipe.answers()
+    pipe.smb.close()
     return answers
 
 
@@ -211,11 +248,13 @@ def test_restarted_daemon_reloads_its_sets_and_republishes_their_shares(daemon, 
     assert ours_after_cleanup(daemon.pool) == []
 
 
-def test_sequence_timer_removes_an_abandoned_set_with_its_snapshots(zfs_pool, tmp_path, samba_clients):
+@pytest.mark.parametrize("context", [Context.BACKUP, Context.NAS_ROLLBACK], ids=["backup", "persistent"])
+def test_sequence_timer_removes_an_abandoned_set_with_its_snapshots(zfs_pool, tmp_path, samba_clients, context):
+    """A persistent context does not save a set that was never recovered (MS-FSRVP 3.1.5)."""
     daemon = FsrvpDaemon(zfs_pool, tmp_path, shares=("vms",), sequence_seconds=2, sequence_long_seconds=4).start()
     try:
         with daemon.client() as client:
-            set_id, (copy_id,) = exposed_set(client, "vms")
+            set_id, (copy_id,) = exposed_set(client, "vms", context=context)
             assert ours_on_storage(zfs_pool)
             assert ours_after_cleanup(zfs_pool) == []  # the timer fires after 2 s
             with pytest.raises(FsrvpError) as gone:

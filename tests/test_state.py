@@ -224,13 +224,14 @@ def test_failed_expose_stays_committed_and_forgets_the_exposures():
 @pytest.mark.parametrize("attribute, writable", [(0, False), (ATTR_NO_AUTO_RECOVERY, False),
                                                  (ATTR_AUTO_RECOVERY, True)])
 def test_auto_recovery_exposes_writable_until_recovery_complete(attribute, writable):
-    """3.1.4.6/3.1.4.7: ATTR_AUTO_RECOVERY makes the exposed copy writable until RecoveryComplete."""
+    """3.1.4.6/3.1.4.7: ATTR_AUTO_RECOVERY makes the exposed copy writable until RecoveryComplete.  The
+    machine leaves the flag alone: the service sets it once the storage is read-only (intent, then outcome)."""
     m = new_machine()
     scs = make_set(m, S.EXPOSED, context=Context.FILE_SHARE_BACKUP | attribute)
     assert scs.context == Context.FILE_SHARE_BACKUP | attribute and scs.auto_recovery is writable
     assert scs.copies[0].read_only is not writable
     m.recovery_complete(scs.set_id, T0 + 50)
-    assert scs.copies[0].read_only
+    assert scs.status is S.RECOVERED and scs.copies[0].read_only is not writable
 
 
 @pytest.mark.parametrize("status", [S.EXPOSED, S.RECOVERED])

@@ -15,7 +15,7 @@ import pytest
 from fsrvpd.backends.base import BackendError, NotSupported, ShadowCopyRef
 from fsrvpd.backends.zfs import COPY_TAG, SET_TAG, ZfsBackend, clone_name, snapshot_name
 from fsrvpd.runner import CommandRunner
-from tests.support.zfs import FilePool, zfs
+from tests.support.zfs import FilePool, fill, zfs
 
 pytestmark = pytest.mark.zfs
 
@@ -56,18 +56,6 @@ def assert_refuses_writes(directory: str) -> None:
     with pytest.raises(OSError) as refused:
         write(os.path.join(directory, "new-file"), "x")
     assert refused.value.errno == errno.EROFS
-
-
-def fill(directory: str) -> None:
-    """Write zeros until the pool has no space left (ZFS does not compress by default)."""
-    chunk = bytes(1024 * 1024)
-    with pytest.raises(OSError) as full:
-        with open(os.path.join(directory, "filler"), "wb") as filler:
-            while True:
-                filler.write(chunk)
-                filler.flush()
-    assert full.value.errno == errno.ENOSPC
-    os.sync()
 
 
 # -- file_store --------------------------------------------------------------------------------

@@ -12,15 +12,19 @@ import asyncio
 import dataclasses
 from typing import Awaitable, Callable
 
+from ..rpcauth import Principal
+
 
 @dataclasses.dataclass(frozen=True)
 class Caller:
-    """Who opened the pipe, as far as the front door authenticated them."""
+    """Who opened the pipe, as far as the front door authenticated them, and who the RPC layer
+    authenticated on it (MS-RPCE 3.3.3.4.3: the identity a call is judged by)."""
 
     user: str
     domain: str
     address: str  # the client's IP address, for SetContext's same-client rule
     sids: frozenset[str] = frozenset()  # the session token's SIDs, where the front door knows them (Samba)
+    rpc_principal: Principal | None = None
 
 
 class FrontDoorError(Exception):

@@ -79,8 +79,9 @@ class EmbeddedFrontDoor(FrontDoor):
     """Serves SMB2 itself: the FSRVP pipe, srvsvc/wkssvc and the published shares."""
 
     def __init__(self, listen_address: str, port: int, users: dict[str, str], server_name: str,
-                 domain: str = "WORKGROUP", observer: Observer | None = None):
-        """`users` maps each account name to its NT hash in hex; names match case-insensitively."""
+                 domain: str = "WORKGROUP", observer: Observer | None = None, max_connections_per_client: int = 16):
+        """`users` maps each account name to its NT hash in hex; names match case-insensitively.
+        A client address may hold `max_connections_per_client` SMB connections; more are closed at once."""
         for user, nt_hash in users.items():
             if not re.fullmatch(r"[0-9a-fA-F]{32}", nt_hash):
                 raise ValueError(f"the NT hash of {user!r} must be 32 hex digits")
@@ -91,6 +92,7 @@ class EmbeddedFrontDoor(FrontDoor):
         self._server_name = server_name
         self._domain = domain
         self._observer = observer or Observer()
+        self._max_connections_per_client = max_connections_per_client
         self._shares: dict[str, ShareSpec] = {}
         self._config = self._build_config()
         self._server: _SmbServer | None = None
@@ -117,7 +119,7 @@ class EmbeddedFrontDoor(FrontDoor):
         _route_impacket_logs()
         self._loop = asyncio.get_running_loop()
         self._handle_pipe = handle_pipe
-        server = _SmbServer((self._listen_address, self._port), self._config)
+        server = _SmbServer((self._listen_address, self._port), self._config, self._max_connections_per_client)
         self._port = server.server_address[1]
         for user, nt_hash in self._users.items():
             server.addCredential(user, 0, "", nt_hash)
@@ -355,11 +357,15 @@ class _SmbServer(SMBSERVER):
     allow_reuse_address = True
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], config: configparser.ConfigParser):
+    def __init__(self, address: tuple[str, int], config: configparser.ConfigParser, max_connections_per_client: int):
         # Set before TCPServer reads it: impacket 0.10 (Debian 12's) has no `ipv6` argument for this.
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, config_parser=config)
         self._connection_sockets: set[socket.socket] = set()
+        self._max_connections_per_client = max_connections_per_client
+        self._client_of_socket: dict[socket.socket, str] = {}
+        self._connections_of_client: dict[str, int] = {}
+        self._counting = threading.Lock()
         self._connection_state = threading.local()  # impacket serves each connection in its own thread
         self.processConfigFile()
 
@@ -392,6 +398,18 @@ class _SmbServer(SMBSERVER):
         return []
 
     def process_request(self, request, client_address):
+        """Count the connection against its client (limits.max_connections_per_client) or close it."""
+        address = client_address[0]
+        with self._counting:
+            admitted = self._connections_of_client.get(address, 0) < self._max_connections_per_client
+            if admitted:
+                self._connections_of_client[address] = self._connections_of_client.get(address, 0) + 1
+                self._client_of_socket[request] = address
+        if not admitted:
+            log.warning("closing a new SMB connection from %s: it already has %d (limits.max_connections_per_client)",
+                        address, self._max_connections_per_client)
+            self.shutdown_request(request)
+            return
         self._connection_sockets.add(request)  # here, in the accepting thread, so stop() sees them all
         super().process_request(request, client_address)
 
@@ -401,6 +419,12 @@ class _SmbServer(SMBSERVER):
 
     def shutdown_request(self, request):
         self._connection_sockets.discard(request)
+        with self._counting:
+            address = self._client_of_socket.pop(request, None)
+            if address is not None:
+                self._connections_of_client[address] -= 1
+                if not self._connections_of_client[address]:
+                    del self._connections_of_client[address]
         super().shutdown_request(request)
 
     def handle_error(self, request, client_address):

@@ -8,10 +8,12 @@ test on a fresh pool, with shares `vms` and `sql`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -19,9 +21,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from impacket.smbconnection import SMBConnection
 
 from fsrvpd.cli import nt_hash
 from fsrvpd.client import FsrvpClient
+from fsrvpd.constants import PIPE_NAME
 from tests.support.zfs import FilePool
 
 USER = PASSWORD = "backup"
@@ -31,7 +35,7 @@ STOP_SECONDS = 30.0
 CLEANUP_SECONDS = 60.0
 PEER_PACKAGES = {"rpcclient": "samba-common-bin", "smbclient": "smbclient"}
 
-__all__ = ["FsrvpDaemon", "daemon", "samba_clients", "free_port", "USER", "PASSWORD", "NETBIOS_NAME"]
+__all__ = ["FsrvpDaemon", "RawPipe", "daemon", "samba_clients", "free_port", "USER", "PASSWORD", "NETBIOS_NAME"]
 
 
 def free_port() -> int:
@@ -77,7 +81,8 @@ class FsrvpDaemon:
             "admin": {"socket": self.admin_socket},
         }
         self.process: subprocess.Popen | None = None
-        self.env: dict[str, str] = {}  # added to the daemon's environment
+        self.env: dict[str, str] = {}  # added to the daemon's environment, e.g. FSRVPD_CRASH_AT or PATH
+        self.config_mode = 0o600  # the configuration holds NT hashes
         self.wrapper: list[str] = []  # a command that runs the daemon's command line given as its arguments
 
     def create_share(self, name: str) -> dict:
@@ -88,6 +93,7 @@ class FsrvpDaemon:
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> FsrvpDaemon:
         self.config_path.write_text(yaml.safe_dump(self.config))
+        self.config_path.chmod(self.config_mode)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen([*self.wrapper, sys.executable, "-m", "fsrvpd", "run", "-c",
                                          str(self.config_path)], stdout=log, stderr=subprocess.STDOUT,
@@ -113,6 +119,19 @@ class FsrvpDaemon:
         finally:
             self.process = None
 
+    def __enter__(self) -> FsrvpDaemon:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def wait_for_exit(self, timeout: float = STOP_SECONDS) -> int:
+        """Wait for a daemon that is dying on its own (e.g. at a crash point); its exit status."""
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            self.process = None
+
     def restart(self) -> FsrvpDaemon:
         self.stop()
         return self.start()
@@ -129,9 +148,11 @@ class FsrvpDaemon:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     # -- peers --------------------------------------------------------------------------------
-    def rpcclient(self, *commands: str, binding: str = "127.0.0.1") -> str:
-        """Samba's rpcclient; it exits 0 even when a call fails, so callers check its output."""
-        proc = subprocess.run(["rpcclient", "-p", str(self.port), "-U", f"{USER}%{PASSWORD}", binding,
+    def rpcclient(self, *commands: str, binding: str = "ncacn_np:127.0.0.1[sign]", user: str = USER,
+                  password: str = PASSWORD, options: tuple[str, ...] = ()) -> str:
+        """Samba's rpcclient, NTLM-signing its RPC calls by default (the daemon's default minimum
+        level); it exits 0 even when a call fails, so callers check its output."""
+        proc = subprocess.run(["rpcclient", "-p", str(self.port), "-U", f"{user}%{password}", *options, binding,
                                "-c", "; ".join(commands)], capture_output=True, text=True, timeout=120)
         return proc.stdout + proc.stderr
 
@@ -145,12 +166,55 @@ class FsrvpDaemon:
         return subprocess.run([sys.executable, "-m", "fsrvpd.ctl", "-s", self.admin_socket, *args],
                               capture_output=True, text=True, timeout=120)
 
-    def client(self, **kwargs) -> FsrvpClient:
-        """Our own client, connected; host names in UNCs are the NetBIOS name unless told otherwise."""
-        client = FsrvpClient("127.0.0.1", self.port, USER, PASSWORD, server_name=kwargs.pop("server_name", NETBIOS_NAME),
-                             timeout=60, **kwargs)
+    def client(self, port: int | None = None, **kwargs) -> FsrvpClient:
+        """Our own client, connected (to `port`, e.g. a relay's, or the daemon's); host names in UNCs are
+        the NetBIOS name unless told otherwise."""
+        client = FsrvpClient("127.0.0.1", port or self.port, USER, PASSWORD,
+                             server_name=kwargs.pop("server_name", NETBIOS_NAME), timeout=60, **kwargs)
         client.connect()
         return client
+
+
+    # -- what the daemon holds ---------------------------------------------------------------
+    def state(self) -> tuple[list[dict], list[dict]]:
+        """The shadow copy sets and retained copies in the daemon's durable state, as stored."""
+        with sqlite3.connect(Path(self.config["state_dir"]) / "state.sqlite3") as db:
+            return tuple([json.loads(body) for (body,) in db.execute(f"SELECT body FROM {table}")]
+                         for table in ("shadow_copy_sets", "retained_copies"))
+
+    def published_shares(self) -> set[str]:
+        """The disk shares the daemon's SMB server lists (srvsvc NetShareEnum, through smbclient -L)."""
+        proc = subprocess.run(["smbclient", "-g", "-L", "//127.0.0.1", "-p", str(self.port), "-U",
+                               f"{USER}%{PASSWORD}"], capture_output=True, text=True, timeout=120)
+        shares = {line.split("|")[1] for line in proc.stdout.splitlines() if line.startswith("Disk|")}
+        if not shares:
+            raise RuntimeError(f"smbclient -L listed no shares:\n{proc.stdout}{proc.stderr}")
+        return shares
+
+
+class RawPipe:
+    """An FssagentRpc pipe opened over impacket's SMB client, for bytes no RPC client would send."""
+
+    def __init__(self, port: int, smb: SMBConnection | None = None) -> None:
+        if smb is None:
+            smb = SMBConnection("127.0.0.1", "127.0.0.1", sess_port=port)
+            smb.login(USER, PASSWORD)
+        self.smb = smb
+        self.tree = smb.connectTree("IPC$")
+        self.file = smb.openFile(self.tree, "\\" + PIPE_NAME)
+
+    def write(self, data: bytes) -> None:
+        self.smb.writeFile(self.tree, self.file, data)
+
+    def answers(self, limit: int = 3) -> list[bytes]:
+        """What comes back, up to `limit` reads or until the daemon closes the pipe."""
+        answers = []
+        try:
+            while len(answers) < limit and (answer := self.smb.readFile(self.tree, self.file)):
+                answers.append(answer)
+        except Exception:  # the pipe is gone: the daemon closed it
+            pass
+        return answers
 
 
 def ours_on_storage(pool: FilePool) -> list[str]:

@@ -136,7 +136,7 @@ class LvmDaemon(FsrvpDaemon):
 
     def __init__(self, lab: LvmLab, directory: Path, **kwargs):
         super().__init__(lab, directory, shares=(*lab.volumes, "inner"), **kwargs)
-        self.config["timers"]["sweep_seconds"] = 5
+        self.config["timers"]["reconcile_seconds"] = 5
 
     def create_share(self, name: str) -> dict:
         if name == "inner":

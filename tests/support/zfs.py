@@ -10,6 +10,7 @@ end) and `zfs_pool` (a fresh 256 MiB pool per test; creating one takes a few ten
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 
 from fsrvpd.backends.host import read_mounts
 
-__all__ = ["FilePool", "ensure_zfs", "zfs", "zfs_daemon", "zfs_pool"]
+__all__ = ["FilePool", "ensure_zfs", "fill", "hanging_zfs", "zfs", "zfs_daemon", "zfs_pool"]
 
 WAIT_SECONDS = 30.0  # for zfs-fuse to answer, a busy pool to go, the daemon to stop
 _apt_updated = False
@@ -71,6 +72,45 @@ def ensure_zfs() -> subprocess.Popen | None:
             raise RuntimeError(f"zfs-fuse did not come up; its output is in {log.name}")
         time.sleep(0.1)
     return daemon
+
+
+def fill(directory: str) -> str:
+    """Write zeros into `directory` until its pool has no space left (ZFS does not compress by
+    default); returns the file, whose removal frees the space again."""
+    path = os.path.join(directory, "filler")
+    chunk = bytes(1024 * 1024)
+    try:
+        with open(path, "wb") as filler:
+            while True:
+                filler.write(chunk)
+                filler.flush()
+    except OSError as full:
+        if full.errno != errno.ENOSPC:
+            raise
+    os.sync()
+    return path
+
+
+def hanging_zfs(directory: str) -> tuple[str, str]:
+    """A `zfs` wrapper for a daemon's PATH: `zfs <subcommand>` hangs while the file
+    `<control>/<subcommand>` exists -- before running the real zfs if the file says "before",
+    after it otherwise (the command acted, but never returns).  Returns (bin directory, control
+    directory).  The hang is `exec sleep`, so killing the command kills the hang."""
+    bin_dir, control = os.path.join(directory, "bin"), os.path.join(directory, "hang")
+    os.makedirs(bin_dir, exist_ok=True)
+    os.makedirs(control, exist_ok=True)
+    wrapper = os.path.join(bin_dir, "zfs")
+    with open(wrapper, "w") as script:
+        script.write(f"""#!/bin/sh
+marker="{control}/$1"
+if [ -f "$marker" ] && [ "$(cat "$marker")" = before ]; then exec sleep 3600; fi
+{shutil.which("zfs")} "$@"
+status=$?
+if [ -f "$marker" ]; then exec sleep 3600; fi
+exit $status
+""")
+    os.chmod(wrapper, 0o755)
+    return bin_dir, control
 
 
 class FilePool:
