@@ -50,7 +50,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
-from fsrvpd.backends.base import Backend, BackendError, FileStore, NotSupported, OwnedObject, ShadowCopyRef
+from fsrvpd.backends.base import SNAPSHOT, Backend, BackendError, FileStore, NotSupported, OwnedObject, ShadowCopyRef
 from fsrvpd.backends.host import Mount, Mounter, StorageCommandError, is_below, read_mounts, remove_empty_directory, retry_while_busy
 from fsrvpd.runner import CommandFailed, CommandRunner
 
@@ -60,6 +60,7 @@ SET_TAG = "fsrvpd-set:"
 COPY_TAG = "fsrvpd-copy:"
 NAME_PREFIX = "fsrvpd-"
 DEFAULT_SNAPSHOT_SIZE = "20%"
+MOUNT = "mount"  # OwnedObject kind of a snapshot mounted under the mount root: its exposure
 # Mount options per file system: read-only without touching the (frozen-clean) log, or writable.
 MOUNT_OPTIONS = {
     "ext4": {False: "ro,noload", True: "rw"},
@@ -440,10 +441,13 @@ class LvmBackend(Backend):
                 self.mounter.unmount(mount.mountpoint)
 
     def owned(self) -> list[OwnedObject]:
+        """Every tagged snapshot LV, and its mounts under the mount root (the copy's exposure),
+        mounts first (a snapshot cannot go while it is mounted)."""
         if shutil.which("lvs") is None:  # no lvm2 on this host: nothing of ours either
             return []
         with self._failing_as("listing fsrvpd's snapshots"):
             volumes = self.lvm.volumes()
+        mounts = [mount for mount in read_mounts() if is_below(mount.mountpoint, self.mount_root)]
         objects = []
         for lv in volumes:
             set_tags = [tag for tag in lv.tags if tag.startswith(SET_TAG)]
@@ -456,11 +460,18 @@ class LvmBackend(Backend):
             except ValueError:
                 log.warning("%s carries malformed fsrvpd tags %s; leaving it alone", lv.full_name, sorted(lv.tags))
                 continue
-            objects.append(OwnedObject("snapshot", lv.full_name, set_id, copy_id, group=_group(lv)))
-        return sorted(objects, key=lambda obj: obj.name)
+            objects.append(OwnedObject(SNAPSHOT, lv.full_name, set_id, copy_id, group=_group(lv)))
+            objects += [OwnedObject(MOUNT, mount.mountpoint, set_id, copy_id, group=_group(lv))
+                        for mount in mounts if lv.device is not None and mount.device == lv.device]
+        return sorted(objects, key=lambda obj: (obj.kind == SNAPSHOT, obj.name))
 
     def remove_owned(self, obj: OwnedObject) -> None:
         with self._failing_as(f"removing {obj.kind} {obj.name}"):
+            if obj.kind == MOUNT:  # an exposure nothing wants: its snapshot may still be kept
+                if _mount_at(obj.name) is not None:
+                    self.mounter.unmount(obj.name)
+                remove_empty_directory(obj.name)
+                return
             snapshot = self._volumes([obj.name.split("/")[0]]).get(obj.name)
             if snapshot is None:
                 return

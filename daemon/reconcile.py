@@ -21,7 +21,7 @@ unexpected error).  In this order:
      snapshot; a writable one held the writers' recovery, which no snapshot has: the copy is lost;
    - at start-up every exposure is made ready again (e.g. mounted).
    A backend that cannot list its objects is left alone this round: nothing is forgotten because
-   storage could not be read.
+   storage could not be read; one that no share or set uses is not asked.
 3. An interrupted RecoveryComplete (a Recovered copy still writable) is finished.
 4. Shares: snapshot shares (`share@{GUID}`) the state does not own are withdrawn; every exposed
    copy's share is published.
@@ -58,7 +58,10 @@ class Reconciliation:
         self.removal_pending = False
         scope = await self._scope()
         removed = 0
+        in_use = {backend for backend, _ in scope[1]}
         for name, backend in self.backends.items():
+            if name not in in_use:  # no share or set of ours there: nothing to list (zfs may not even run)
+                continue
             try:
                 owned = await asyncio.to_thread(backend.owned)
             except BackendError as exc:

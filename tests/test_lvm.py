@@ -243,11 +243,15 @@ def test_owned_finds_every_snapshot_and_remove_owned_cleans_it(lvm):
     backend = backend_for(lvm)
     copies = copies_of(backend, volumes)
     backend.snapshot(copies)
-    backend.expose(copies[0], writable=True)
-    found = [obj for obj in backend.owned() if obj.name.startswith(lvm.vg + "/")]
-    assert sorted((obj.name, obj.set_id, obj.copy_id) for obj in found) == \
-        sorted((snapshot_lv_name(copy), copy.set_id, copy.copy_id) for copy in copies)
-    for obj in found:
+    exposed = backend.expose(copies[0], writable=True)
+    found = [obj for obj in backend.owned() if obj.name.startswith((lvm.vg + "/", backend.mount_root))]
+    assert [(obj.kind, obj.name, obj.copy_id) for obj in found] == \
+        [("mount", exposed, copies[0].copy_id)] + sorted(("snapshot", snapshot_lv_name(copy), copy.copy_id)
+                                                         for copy in copies)
+    assert {obj.set_id for obj in found} == {copies[0].set_id}
+    backend.remove_owned(found[0])  # the exposure alone: the snapshot stays
+    assert lvm.mounts_below(backend.mount_root) == [] and len(lvm.ours()) == len(copies)
+    for obj in found[1:]:
         backend.remove_owned(obj)
     assert_nothing_left(lvm, backend)
 
@@ -296,6 +300,7 @@ def test_rpcclient_auto_recovery_cycle_writes_until_recovery_complete(lvm_daemon
     share = f"vms@{{{copies['vms']}}}"
 
     daemon.smbclient(share, f"put {local} recovered.txt")
+    assert daemon.ctl("prune").returncode == 0  # a reconciliation finds the writable exposure and keeps it
     assert "written by a VSS writer" in daemon.smbclient(share, "get recovered.txt -")
     assert not os.path.exists(os.path.join(daemon.paths["vms"], "recovered.txt"))
 

@@ -38,7 +38,7 @@ def test_lvm_demo_serves_vms_and_removes_everything_on_ctrl_c(tmp_path, samba_cl
             if "Share" in demo_peer("smbclient", "-L", "127.0.0.1") or demo.poll() is not None:
                 break
             time.sleep(1)
-        created = demo_peer("rpcclient", "127.0.0.1", "-c", "fss_create_expose backup ro vms")
+        created = demo_peer("rpcclient", "ncacn_np:127.0.0.1[seal]", "-c", "fss_create_expose backup ro vms")
         exposed = EXPOSED.findall(created)
         assert len(exposed) == 1, created + (tmp_path / "demo.log").read_text()
         [(_, copy_id, _, _)] = exposed

@@ -54,6 +54,7 @@ HOST_PACKAGES = {
 }
 MEMORY = "1536M"  # the guest's /tmp (loop files, Python in RAM) lives in it
 BOOT_SECONDS = 240  # until the guest runs its first command (about 30 s when the machine is not busy)
+OUTPUT_CHARS = 30000  # of each test phase's output sent back from the guest (the daemon's log, mostly)
 GUEST_SECONDS = 1200  # a hang inside the guest must not hang the suite
 # lvm2 without udev: it creates /dev nodes itself and does not wait for udev events. PVs are only
 # ever loop devices there; not probing the rest (a CD drive, 9p) saves time on every command.
@@ -266,7 +267,9 @@ class GuestTest(pytest.Item):
             pytest.skip(f"NO VM, LVM TESTS DID NOT RUN: {self.guest.skip_reason}")
         failed = [phase for phase in phases if phase["outcome"] == "failed"]
         if failed:
-            raise GuestFailure("\n".join(f"in the VM, {phase['when']} failed:\n{phase['longrepr']}" for phase in failed))
+            output = "".join(phase.get("stdout", "") for phase in phases)  # e.g. the daemon's log
+            raise GuestFailure("\n".join(f"in the VM, {phase['when']} failed:\n{phase['longrepr']}" for phase in failed)
+                               + (f"\n--- the test's output in the VM ---\n{output}" if output else ""))
         skipped = [phase for phase in phases if phase["outcome"] == "skipped"]
         if skipped:
             pytest.skip(f"skipped in the VM: {skipped[0]['longrepr']}")
@@ -316,7 +319,8 @@ def pytest_runtest_logreport(report):
                                                           isinstance(report.longrepr, tuple) else "")
     with open(results, "a") as out:
         out.write(json.dumps({"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
-                              "longrepr": longrepr, "duration": report.duration}) + "\n")
+                              "longrepr": longrepr, "duration": report.duration,
+                              "stdout": report.capstdout[-OUTPUT_CHARS:]}) + "\n")
 
 
 def main(argv: list[str]) -> int:
