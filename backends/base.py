@@ -82,6 +82,10 @@ class Backend(abc.ABC):
     """One kind of storage. Every method is idempotent where the docstring says so."""
 
     name: str
+    # True: an exposure holds data its snapshot lacks (a ZFS clone takes the writers' recovery), so
+    # a lost writable exposure is a lost copy.  False: it only shows the snapshot (a mount of it),
+    # so a missing one is simply made again.
+    exposure_holds_data = True
 
     @abc.abstractmethod
     def file_store(self, path: str, configured: str | None = None) -> FileStore:

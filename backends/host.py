@@ -82,6 +82,39 @@ def remove_empty_directory(path: str) -> None:
         log.warning("left directory %s in place: %s", path, exc.strerror)
 
 
+def sync_symlink_tree(root: str, wanted: dict[str, dict[str, str]]) -> None:
+    """Make `root/<dir>/<name>` exactly the symlinks `wanted[dir][name]` -> target: missing or
+    changed ones are (re)made, others removed, emptied directories too.  Only symlinks are ever
+    removed; anything else found there stays (and is logged).  Directories are 0755: smbd follows
+    the links as the connected user."""
+    if not wanted and not os.path.isdir(root):
+        return
+    _make_public_directory(root)
+    for directory in sorted(set(os.listdir(root)) | set(wanted)):
+        path = os.path.join(root, directory)
+        links = wanted.get(directory, {})
+        _make_public_directory(path)
+        for entry in os.scandir(path):
+            if not entry.is_symlink():
+                log.warning("left %s in place: not a symlink fsrvpd made", entry.path)
+            elif os.readlink(entry.path) != links.get(entry.name):
+                os.unlink(entry.path)
+        for name, target in links.items():
+            if not os.path.islink(os.path.join(path, name)):
+                os.symlink(target, os.path.join(path, name))
+        if not links:
+            remove_empty_directory(path)
+
+
+def _make_public_directory(path: str) -> None:
+    """Make `path` and its missing parents, each traversable by every user whatever the daemon's umask."""
+    if os.path.isdir(path):
+        return
+    _make_public_directory(os.path.dirname(path))
+    os.mkdir(path)
+    os.chmod(path, 0o755)
+
+
 def retry_while_busy(action: Callable[[], T], busy: Callable[[Exception], bool]) -> T:
     """Run `action`, retrying with a growing pause for up to BUSY_RETRY_SECONDS while it fails busy."""
     deadline = time.monotonic() + BUSY_RETRY_SECONDS

@@ -212,6 +212,7 @@ class LvmBackend(Backend):
     """Shadow copies of ext4/xfs file systems on LVM (see the module docstring)."""
 
     name = "lvm"
+    exposure_holds_data = False  # an exposure is a mount of the snapshot LV, which holds the recovery
 
     def __init__(self, runner: CommandRunner, mount_root: str, command_timeout: float = 60,
                  snapshot_size: Callable[[str], SnapshotSize | None] = lambda path: None):

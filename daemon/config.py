@@ -376,10 +376,12 @@ def _retention(share: _Section) -> RetentionPolicy | None:
     section = share.section("retention")
     keep_last = section.number("keep_last", None, 1, 1_000_000, integer=True)
     keep_days = section.number("keep_days", None, 0.001, 36500)
+    previous_versions = section.flag("previous_versions", False)
     section.finish()
     if keep_last is None and keep_days is None:
         raise share.error("retention", "needs keep_last, keep_days or both")
-    return RetentionPolicy(keep_last=None if keep_last is None else int(keep_last), keep_days=keep_days)
+    return RetentionPolicy(keep_last=None if keep_last is None else int(keep_last), keep_days=keep_days,
+                           previous_versions=previous_versions)
 
 
 def _limits(section: _Section) -> Limits:

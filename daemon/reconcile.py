@@ -17,8 +17,9 @@ unexpected error).  In this order:
      exposed, retention does not keep it -- is an orphan and is removed;
    - a copy whose snapshot is gone (its dataset destroyed behind our back) is lost: it is
      forgotten and its share withdrawn;
-   - a copy whose exposure is gone is exposed again if that exposure was a read-only view of a
-     snapshot; a writable one held the writers' recovery, which no snapshot has: the copy is lost;
+   - a copy whose exposure is gone is exposed again, unless that exposure held data its snapshot
+     lacks (an auto-recovery ZFS clone held the writers' recovery): that copy is lost.  Retained
+     copies kept with their exposure (Previous Versions, LVM mounts after a reboot) likewise;
    - at start-up every exposure is made ready again (e.g. mounted).
    A backend that cannot list its objects is left alone this round: nothing is forgotten because
    storage could not be read; one that no share or set uses is not asked.
@@ -32,11 +33,14 @@ Every repair is logged and reported to the service's observer (metrics).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 
 from .backends.base import SNAPSHOT, Backend, BackendError, OwnedObject, ShadowCopyRef
+from .constants import ATTR_AUTO_RECOVERY
 from .crashpoints import crash_point
+from .retention import RetainedCopy
 from .state import HOLDS_SNAPSHOTS, ShadowCopy, ShadowCopySet, Status, is_exposed_share_name
 from .transports.base import FrontDoorError
 
@@ -132,7 +136,7 @@ class Reconciliation:
             if key not in snapshots and not copy.source:
                 await self._lose(scs, copy, "its snapshot is gone from storage")
             elif copy.exposed_path and key not in exposures:
-                if copy.read_only and not scs.auto_recovery:
+                if not (backend.exposure_holds_data and scs.auto_recovery):
                     log.warning("set %s: the exposure of copy %s (%s) is gone from storage; exposing its snapshot "
                                 "again", scs.set_id, copy.copy_id, copy.share)
                     self.observer.repaired("exposure_remade")
@@ -143,7 +147,10 @@ class Reconciliation:
                 await self._expose_again(backend, scs, copy)
         for retained in kept:
             key = (retained.set_id, retained.copy_id)
-            if key not in snapshots or (retained.keeps_exposure and key not in exposures):
+            if key in snapshots and retained.keeps_exposure and key not in exposures \
+                    and not (backend.exposure_holds_data and retained.context & ATTR_AUTO_RECOVERY):
+                await self._expose_retained_again(backend, retained)
+            elif key not in snapshots or (retained.keeps_exposure and key not in exposures):
                 log.error("retained copy %s of %s (set %s) is gone from storage; forgetting it", retained.copy_id,
                           retained.share, retained.set_id)
                 self.observer.repaired("copy_lost")
@@ -184,6 +191,21 @@ class Reconciliation:
         if path != copy.exposed_path:
             copy.exposed_path = path
             self._persist(scs)
+
+    async def _expose_retained_again(self, backend: Backend, retained: RetainedCopy) -> None:
+        """Mount a retained copy's read-only view again (e.g. after a reboot), for Previous Versions."""
+        log.warning("retained copy %s of %s (set %s): its exposure is gone; exposing its snapshot again",
+                    retained.copy_id, retained.share, retained.set_id)
+        self.observer.repaired("exposure_remade")
+        ref = ShadowCopyRef.of(retained.set_id, retained.copy_id, retained.store)
+        try:
+            path = await asyncio.to_thread(backend.expose, ref, False)
+        except BackendError as exc:
+            log.error("retained copy %s: cannot expose it again yet: %s", retained.copy_id, exc)
+            return
+        if path != retained.exposed_path:
+            self.retained[retained.copy_id] = moved = dataclasses.replace(retained, exposed_path=path)
+            self._persist(retained=[moved])
 
     async def _finish_recoveries(self) -> None:
         for scs in list(self.machine.sets.values()):

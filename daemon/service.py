@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 import uuid
 from typing import Awaitable, Callable, Iterable, Sequence
@@ -27,13 +28,14 @@ from typing import Awaitable, Callable, Iterable, Sequence
 from . import messages as m
 from .authz import Authorizer
 from .backends.base import Backend, BackendError, FileStore, NotSupported, ShadowCopyRef
+from .backends.host import sync_symlink_tree
 from .config import Config, ShareConfig
 from .constants import FSRVP_MAX_VERSION, FSRVP_MIN_VERSION, HResult
 from .crashpoints import crash_point
 from .logs import HRESULT as HRESULT_FIELD, set_fields
 from .observer import Observer
 from .reconcile import Reconciliation
-from .retention import RetainedCopy, RetentionPolicy, retained_copy, to_prune
+from .retention import PREVIOUS_VERSIONS_DIR, RetainedCopy, RetentionPolicy, previous_versions, retained_copy, to_prune
 from .state import Refused, ShadowCopy, ShadowCopyMachine, ShadowCopySet
 from .store import REMOVING, RETAINED, SETS, StateStore
 from .transports.base import Caller, FrontDoor, FrontDoorError, ShareSpec
@@ -509,7 +511,7 @@ class FsrvpService(Reconciliation):
         share = self._share(request.share_name)
         async with self.lock:
             scs, copy = self.machine.delete_mapping(request.set_id, request.copy_id, share.name, self.clock())
-            kept = retained_copy(scs, copy, self.clock()) if share.retention else None
+            kept = retained_copy(scs, copy, share.retention, self.clock()) if share.retention else None
             self._persist_set(scs, removed=[] if kept else [(scs, copy)], retained=[kept] if kept else [])
             crash_point("delete.intent")
             if copy.exposed_name:
@@ -590,6 +592,7 @@ class FsrvpService(Reconciliation):
             log.info("retained copy %s of %s (from %s) removed on request", copy_id, doomed.share,
                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(doomed.created_at)))
             await self._unretain([doomed])
+            self._show_previous_versions()
         return doomed
 
     async def prune_retained(self) -> None:
@@ -601,6 +604,15 @@ class FsrvpService(Reconciliation):
         await self._unretain(doomed)
         if doomed:
             self.observer.retention_pruned(len(doomed))
+        self._show_previous_versions()
+
+    def _show_previous_versions(self) -> None:
+        """The `@GMT-...` symlinks vfs_shadow_copy2 lists: one per exposed retained copy (retention.py)."""
+        views = previous_versions(self.retained.values(), self._retention_policy)
+        try:
+            sync_symlink_tree(os.path.join(self.config.mount_root, PREVIOUS_VERSIONS_DIR), views)
+        except OSError as exc:
+            log.error("cannot update the Previous Versions links: %s", exc)
 
     async def _unretain(self, doomed: list[RetainedCopy]) -> None:
         if not doomed:

@@ -87,6 +87,8 @@ def test_retention_rules_are_optional_each():
     assert c.share("vms").retention == RetentionPolicy(keep_last=3, keep_days=None)
     c = parse(MINIMAL + "    retention:\n      keep_days: 0.5\n")
     assert c.share("vms").retention == RetentionPolicy(keep_last=None, keep_days=0.5)
+    c = parse(MINIMAL + "    retention:\n      keep_last: 2\n      previous_versions: true\n")
+    assert c.share("vms").retention == RetentionPolicy(keep_last=2, previous_versions=True)
 
 
 def test_mount_root_follows_state_dir():

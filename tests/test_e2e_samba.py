@@ -6,6 +6,8 @@ One smbd per module (fixture `samba`), one fsrvpd and one pool per test.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
 import socket
@@ -156,6 +158,39 @@ def test_samba_accounts_are_read_from_samba_passdb(samba):
         assert accounts.nt_hash(PLAIN_USER) is None
     finally:
         samba.smbpasswd("-e", PLAIN_USER)
+
+
+def test_retained_copies_are_previous_versions_of_the_share(samba, zfs_pool, tmp_path):
+    """retention.previous_versions: smbd's vfs_shadow_copy2, pointed at fsrvpd's `@GMT-` links,
+    lists each retained backup as a previous version of the base share and serves its old bytes."""
+    fsrvpd = SambaFsrvpd(samba, zfs_pool, tmp_path)
+    fsrvpd.config["shares"] = {"vms": {"retention": {"keep_last": 1, "previous_versions": True}}}
+    snapdir = os.path.join(fsrvpd.config["mount_root"], "previous-versions", "vms")
+    for parameter, value in (("vfs objects", "shadow_copy2"), ("shadow:snapdir", snapdir),
+                             ("shadow:mountpoint", fsrvpd.paths["vms"])):
+        samba.net("conf", "setparm", "vms", parameter, value)
+    disk = os.path.join(fsrvpd.paths["vms"], "disk.vhdx")
+    fsrvpd.start()
+    try:
+        versions = []
+        for version in ("version 1", "version 2"):
+            write(disk, version)
+            set_id, copies = create_expose(fsrvpd, "ro", "vms")
+            delete(fsrvpd, set_id, copies)
+            write(disk, "current")
+            tokens = re.findall(r"^@GMT-[0-9.-]+$", fsrvpd.smbclient("vms", "allinfo disk.vhdx"), re.MULTILINE)
+            assert len(tokens) == 1 and tokens[0] not in versions, tokens
+            assert version in fsrvpd.smbclient("vms", f"get {tokens[0]}/disk.vhdx -")
+            versions.append(tokens[0])
+            time.sleep(1.1)  # the next backup's @GMT- name is a second later
+        [retained] = json.loads(fsrvpd.ctl("--json", "retained").stdout)
+        assert fsrvpd.ctl("unretain", retained["copy_id"]).returncode == 0
+        assert "@GMT-" not in fsrvpd.smbclient("vms", "allinfo disk.vhdx")
+        assert_nothing_left(fsrvpd)
+        assert os.listdir(os.path.dirname(snapdir)) == []
+    finally:
+        fsrvpd.stop()
+        fsrvpd.remove_base_shares()
 
 
 def test_expiry_removes_the_snapshot_share(samba, zfs_pool, tmp_path):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import uuid
 
+from fsrvpd.backends.host import sync_symlink_tree
 from fsrvpd.constants import ATTR_AUTO_RECOVERY, Context
-from fsrvpd.retention import SECONDS_PER_DAY, RetainedCopy, RetentionPolicy, retained_copy, to_prune
+from fsrvpd.retention import (SECONDS_PER_DAY, RetainedCopy, RetentionPolicy, previous_versions, retained_copy,
+                              to_prune)
 from fsrvpd.state import ShadowCopy, ShadowCopySet, Status
 
 NOW = 1_000 * SECONDS_PER_DAY
@@ -50,9 +54,39 @@ def test_only_completed_backups_are_retained():
         return ShadowCopySet(set_id=uuid.uuid4(), client_set_id=uuid.uuid4(), context=context, status=status,
                              client_address="10.0.0.1", principal="backup", started_at=NOW - 60)
 
-    assert retained_copy(a_set(Status.EXPOSED, Context.BACKUP | ATTR_AUTO_RECOVERY), copy, NOW) is None
-    read_only = retained_copy(a_set(Status.EXPOSED, Context.BACKUP), copy, NOW)
+    policy = RetentionPolicy(keep_last=1)
+    assert retained_copy(a_set(Status.EXPOSED, Context.BACKUP | ATTR_AUTO_RECOVERY), copy, policy, NOW) is None
+    read_only = retained_copy(a_set(Status.EXPOSED, Context.BACKUP), copy, policy, NOW)
     assert (read_only.created_at, read_only.keeps_exposure) == (NOW - 60, False)
-    recovered = retained_copy(a_set(Status.RECOVERED, Context.BACKUP | ATTR_AUTO_RECOVERY), copy, NOW)
+    recovered = retained_copy(a_set(Status.RECOVERED, Context.BACKUP | ATTR_AUTO_RECOVERY), copy, policy, NOW)
     assert recovered.keeps_exposure  # the writers' recovery lives in the exposure
     assert RetainedCopy.from_dict(recovered.to_dict()) == recovered
+    shown = retained_copy(a_set(Status.EXPOSED, Context.BACKUP), copy, RetentionPolicy(1, previous_versions=True), NOW)
+    assert shown.keeps_exposure and shown.exposed_path == "/mnt/x"  # Previous Versions reads it there
+
+
+def test_previous_versions_name_exposed_copies_by_their_commit_time_in_utc():
+    def copy(share: str, created_at: float, exposed: bool = True) -> RetainedCopy:
+        return dataclasses.replace(kept(share, 0), created_at=created_at, keeps_exposure=exposed,
+                                   exposed_path=f"/mnt/{created_at}" if exposed else None)
+
+    at = 1_795_000_000.0  # 2026-11-18 11:06:40 UTC
+    copies = [copy("vms", at), copy("vms", at + 0.5), copy("vms", at + 86400), copy("vms", at + 5, exposed=False),
+              copy("sql", at), copy("plain", at)]
+    policies = {"vms": RetentionPolicy(keep_last=9, previous_versions=True),
+                "sql": RetentionPolicy(keep_last=9, previous_versions=True), "plain": RetentionPolicy(keep_last=9)}
+    assert previous_versions(copies, policies.get) == {
+        "vms": {"@GMT-2026.11.18-11.06.40": f"/mnt/{at + 0.5}",  # the same second: the later copy shows
+                "@GMT-2026.11.19-11.06.40": f"/mnt/{at + 86400}"},
+        "sql": {"@GMT-2026.11.18-11.06.40": f"/mnt/{at}"}}
+
+
+def test_sync_symlink_tree_makes_exactly_the_wanted_links(tmp_path):
+    root = str(tmp_path / "pv")
+    sync_symlink_tree(root, {"vms": {"@GMT-1": "/a", "@GMT-2": "/b"}, "sql": {"@GMT-1": "/c"}})
+    os.mkdir(tmp_path / "pv" / "vms" / "admin's")
+    sync_symlink_tree(root, {"vms": {"@GMT-2": "/b2", "@GMT-3": "/d"}})
+    assert sorted(os.listdir(root)) == ["vms"]
+    links = {entry.name: os.readlink(entry.path) for entry in os.scandir(tmp_path / "pv" / "vms") if entry.is_symlink()}
+    assert links == {"@GMT-2": "/b2", "@GMT-3": "/d"}
+    assert os.path.isdir(tmp_path / "pv" / "vms" / "admin's")  # not a link: not fsrvpd's to remove
