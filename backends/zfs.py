@@ -41,7 +41,8 @@ from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from fsrvpd.backends.base import SNAPSHOT, Backend, BackendError, FileStore, NotSupported, OwnedObject, ShadowCopyRef
-from fsrvpd.backends.host import Mount, StorageCommandError, is_below, read_mounts, remove_empty_directory, retry_while_busy
+from fsrvpd.backends.host import (Mount, StorageCommandError, is_below, make_mount_root, read_mounts,
+                                  remove_empty_directory, retry_while_busy)
 from fsrvpd.runner import CommandFailed, CommandRunner
 
 log = logging.getLogger("fsrvpd.backends.zfs")
@@ -291,9 +292,7 @@ class ZfsBackend(Backend):
             if copy.source is None:
                 _require_ours(snapshot, found[snapshot], copy.set_id, copy.copy_id)
             mountpoint = os.path.join(self.mount_root, str(copy.copy_id))
-            if not os.path.isdir(self.mount_root):
-                os.makedirs(self.mount_root)
-                os.chmod(self.mount_root, 0o755)  # whatever the daemon's umask: smbd reaches clones as the user
+            make_mount_root(self.mount_root)
             try:
                 self.zfs.clone(snapshot, clone, {"readonly": "off" if writable else "on", "mountpoint": mountpoint,
                                                  SET_TAG: str(copy.set_id), COPY_TAG: str(copy.copy_id)})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import sqlite3
@@ -26,6 +25,7 @@ from impacket.smbconnection import SMBConnection
 from fsrvpd.cli import nt_hash
 from fsrvpd.client import FsrvpClient
 from fsrvpd.constants import PIPE_NAME
+from tests.support.apt import ensure_tools
 from tests.support.zfs import FilePool
 
 USER = PASSWORD = "backup"
@@ -46,11 +46,7 @@ def free_port() -> int:
 
 def ensure_samba_clients() -> None:
     """rpcclient and smbclient from Debian, installed once if missing (idempotent)."""
-    missing = [package for tool, package in PEER_PACKAGES.items() if shutil.which(tool) is None]
-    if missing:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=env)
+    ensure_tools(PEER_PACKAGES)
 
 
 class FsrvpDaemon:
@@ -217,14 +213,12 @@ class RawPipe:
         return answers
 
 
-def ours_on_storage(pool: FilePool) -> list[str]:
-    """Every dataset or snapshot of the pool that fsrvpd made (by name), as `zfs list -t all` shows."""
-    listing = subprocess.run(["zfs", "list", "-H", "-t", "all", "-o", "name", "-r", pool.name],
-                             capture_output=True, text=True, check=True).stdout.split()
-    return [name for name in listing if "fsrvpd-" in name]
+def ours_on_storage(pool) -> list[str]:
+    """Everything on the test's storage (a FilePool, FileBtrfs, ...) that fsrvpd made."""
+    return pool.ours()
 
 
-def ours_after_cleanup(pool: FilePool, seconds: float = CLEANUP_SECONDS) -> list[str]:
+def ours_after_cleanup(pool, seconds: float = CLEANUP_SECONDS) -> list[str]:
     """What of ours is still on storage once the daemon has had time to finish removing it.
 
     A clone smbd or a slow client still holds is busy for a moment; the daemon retries its removal
