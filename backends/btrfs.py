@@ -50,11 +50,10 @@ import re
 import stat
 import struct
 import uuid
-from collections.abc import Iterator
 
 from fsrvpd.backends.base import SNAPSHOT, Backend, BackendError, FileStore, NotSupported, OwnedObject, ShadowCopyRef
-from fsrvpd.backends.host import (Mount, Mounter, StorageCommandError, is_below, make_mount_root, read_mounts,
-                                  remove_empty_directory)
+from fsrvpd.backends.host import (Mount, Mounter, StorageCommandError, failing_as, is_below, make_mount_root,
+                                  read_mounts, remove_empty_directory)
 from fsrvpd.runner import CommandFailed, CommandRunner
 
 log = logging.getLogger("fsrvpd.backends.btrfs")
@@ -190,19 +189,6 @@ def _require_private(directory: str) -> None:
         raise BtrfsError(f"{directory} is not a directory only fsrvpd's user may change; leaving it alone")
 
 
-@contextlib.contextmanager
-def _failing_as(action: str) -> Iterator[None]:
-    """Report a command or file system failure to the daemon as BackendError, keeping its flags."""
-    try:
-        yield
-    except StorageCommandError as exc:
-        raise BackendError(f"{action}: {exc}", out_of_space=exc.out_of_space, missing=exc.missing) from exc
-    except CommandFailed as exc:
-        raise BackendError(f"{action}: {exc}") from exc
-    except OSError as exc:
-        raise BackendError(f"{action}: {exc}", out_of_space=exc.errno == errno.ENOSPC) from exc
-
-
 class BtrfsBackend(Backend):
     """Shadow copies of btrfs subvolumes (see the module docstring for places, ownership and exposure)."""
 
@@ -317,7 +303,7 @@ class BtrfsBackend(Backend):
                 except BackendError as cleanup:
                     log.error("could not discard the snapshot of copy %s of failed set %s (it carries our record; "
                               "reconciliation retries): %s", copy.copy_id, copy.set_id, cleanup)
-            with _failing_as("taking the snapshots failed"):
+            with failing_as("taking the snapshots failed"):
                 raise exc
 
     @staticmethod
@@ -354,7 +340,7 @@ class BtrfsBackend(Backend):
         if copy.source is not None:
             raise BackendError(f"exposing an existing btrfs snapshot ({copy.source}) is not supported")
         mountpoint = self._mountpoint(copy.copy_id)
-        with _failing_as(f"exposing the snapshot of copy {copy.copy_id}"):
+        with failing_as(f"exposing the snapshot of copy {copy.copy_id}"):
             mounted = _mount_at(mountpoint)
             if _exposed(mounted) == (copy.set_id, copy.copy_id):
                 if mounted.root.endswith("//deleted"):
@@ -378,7 +364,7 @@ class BtrfsBackend(Backend):
     def make_read_only(self, copy: ShadowCopyRef) -> None:
         """Stop writes through the exposure, put what was written on disk, then make the subvolume read-only."""
         mountpoint = self._mountpoint(copy.copy_id)
-        with _failing_as(f"making the snapshot of copy {copy.copy_id} read-only"):
+        with failing_as(f"making the snapshot of copy {copy.copy_id} read-only"):
             mounted = _mount_at(mountpoint)
             if _exposed(mounted) == (copy.set_id, copy.copy_id) and "rw" in mounted.options:
                 self.mounter.remount_read_only(mountpoint, this_mount_only=True)
@@ -389,7 +375,7 @@ class BtrfsBackend(Backend):
 
     def pool_space(self, store: FileStore) -> dict[str, int]:
         """The file system's space as statfs tells it (btrfs's own estimate of what data can still use)."""
-        with _failing_as(f"reading the space of btrfs {store.group}"):
+        with failing_as(f"reading the space of btrfs {store.group}"):
             space = os.statvfs(store.mountpoint)
         return {"used": (space.f_blocks - space.f_bfree) * space.f_frsize,
                 "available": space.f_bavail * space.f_frsize}
@@ -405,7 +391,7 @@ class BtrfsBackend(Backend):
     def _remove(self, fsid: str | None, set_id: uuid.UUID, copy_id: uuid.UUID, keep_snapshot: bool) -> None:
         """Unmount the copy's exposure; then make its snapshot read-only again, or delete it if ours."""
         mountpoint = self._mountpoint(copy_id)
-        with _failing_as(f"removing {'the exposure of ' if keep_snapshot else ''}shadow copy {copy_id}"):
+        with failing_as(f"removing {'the exposure of ' if keep_snapshot else ''}shadow copy {copy_id}"):
             if _exposed(_mount_at(mountpoint)) == (set_id, copy_id):
                 self.mounter.unmount(mountpoint)
             remove_empty_directory(mountpoint)
@@ -446,7 +432,7 @@ class BtrfsBackend(Backend):
         """Every exposure mount, every snapshot in a set directory carrying our record, and every
         empty such directory, in that order (a snapshot cannot go while it is mounted)."""
         objects = []
-        with _failing_as("listing fsrvpd's btrfs snapshots"):
+        with failing_as("listing fsrvpd's btrfs snapshots"):
             for mount in read_mounts():
                 shown = _exposed(mount) if is_below(mount.mountpoint, self.mount_root) else None
                 if shown is not None:
@@ -475,7 +461,7 @@ class BtrfsBackend(Backend):
 
     def remove_owned(self, obj: OwnedObject) -> None:
         if obj.kind == SET_DIRECTORY:
-            with _failing_as(f"removing set directory {obj.name}"):
+            with failing_as(f"removing set directory {obj.name}"):
                 self._remove_set_directory(self._top_level(obj.group), obj.set_id)
             return
         self._remove(obj.group, obj.set_id, obj.copy_id, keep_snapshot=obj.kind == MOUNT)

@@ -5,12 +5,16 @@ share it just stopped serving).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from typing import Callable, NamedTuple, TypeVar
 
+from fsrvpd.backends.base import BackendError
 from fsrvpd.runner import CommandFailed, CommandRunner
 
 log = logging.getLogger("fsrvpd.backends")
@@ -39,6 +43,20 @@ class StorageCommandError(Exception):
         def says(pattern: str) -> bool:
             return re.search(pattern, failure.stderr, re.I) is not None
         return cls(str(failure), missing=says(cls.MISSING), busy=says(cls.BUSY), out_of_space=says(cls.OUT_OF_SPACE))
+
+
+@contextlib.contextmanager
+def failing_as(action: str) -> Iterator[None]:
+    """Report a storage command's or the file system's failure to the daemon as BackendError,
+    keeping its out-of-space and missing flags."""
+    try:
+        yield
+    except StorageCommandError as exc:
+        raise BackendError(f"{action}: {exc}", out_of_space=exc.out_of_space, missing=exc.missing) from exc
+    except CommandFailed as exc:
+        raise BackendError(f"{action}: {exc}") from exc
+    except OSError as exc:
+        raise BackendError(f"{action}: {exc}", out_of_space=exc.errno == errno.ENOSPC) from exc
 
 
 class Mount(NamedTuple):

@@ -7,7 +7,9 @@ the backend's own top-level mount, exposures as mounts) the tests say so.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -17,7 +19,10 @@ from fsrvpd.backends.host import read_mounts
 from fsrvpd.runner import CommandRunner
 from tests.support.btrfs import FileBtrfs
 from tests.support.lvm import run
-from tests.test_zfs_backend import assert_refuses_writes, assert_writable_until_made_read_only, copies_of, read, write
+from tests.test_zfs_backend import (assert_read_only_copy_shows_old_data,
+                                    assert_removing_written_exposures_leaves_no_directory,
+                                    assert_writable_until_made_read_only, copies_of, read, set_taken_between_writes,
+                                    write)
 
 pytestmark = pytest.mark.btrfs
 
@@ -38,6 +43,17 @@ def read_only_property(path: str) -> str:
 def snapshot_path(filesystem: FileBtrfs, copy) -> str:
     """The copy's snapshot as the test's own mount of the file system shows it."""
     return os.path.join(filesystem.snapshots(), str(copy.set_id), str(copy.copy_id))
+
+
+@contextlib.contextmanager
+def tmpfs_at(directory: str) -> Iterator[None]:
+    """A tmpfs mounted at `directory` (made here) while the block runs."""
+    os.mkdir(directory)
+    run("mount", "-t", "tmpfs", "tmpfs", directory)
+    try:
+        yield
+    finally:
+        run("umount", directory)
 
 
 def mount_options(mountpoint: str) -> frozenset[str]:
@@ -82,13 +98,8 @@ def test_file_store_refuses_what_is_not_the_root_of_a_share_subvolume(btrfs_fs, 
     with pytest.raises(NotSupported, match="is btrfs subvolume /vms, not the configured /db"):
         backend.file_store(path, configured="/db")
     other = os.path.join(btrfs_fs.directory, "tmpfs")
-    os.mkdir(other)
-    run("mount", "-t", "tmpfs", "tmpfs", other)
-    try:
-        with pytest.raises(NotSupported, match="on a tmpfs file system, not on btrfs"):
-            backend.file_store(other)
-    finally:
-        run("umount", other)
+    with tmpfs_at(other), pytest.raises(NotSupported, match="on a tmpfs file system, not on btrfs"):
+        backend.file_store(other)
 
 
 def test_file_store_refuses_a_subvolume_with_another_subvolume_below(btrfs_fs, backend):
@@ -100,14 +111,8 @@ def test_file_store_refuses_a_subvolume_with_another_subvolume_below(btrfs_fs, b
 
 def test_file_store_refuses_a_subvolume_with_another_mount_below(btrfs_fs, backend):
     path = btrfs_fs.subvolume("vms")
-    below = os.path.join(path, "scratch")
-    os.mkdir(below)
-    run("mount", "-t", "tmpfs", "tmpfs", below)
-    try:
-        with pytest.raises(NotSupported, match="tmpfs mounted at .*scratch"):
-            backend.file_store(path)
-    finally:
-        run("umount", below)
+    with tmpfs_at(os.path.join(path, "scratch")), pytest.raises(NotSupported, match="tmpfs mounted at .*scratch"):
+        backend.file_store(path)
 
 
 def test_file_store_refuses_our_own_snapshot(btrfs_fs, backend):
@@ -121,17 +126,8 @@ def test_file_store_refuses_our_own_snapshot(btrfs_fs, backend):
 
 def test_read_only_copy_shows_old_data_and_refuses_writes(btrfs_fs, backend):
     path = btrfs_fs.subvolume("vms")
-    write(os.path.join(path, "disk.vhdx"), "before")
-    [copy] = copies_of(backend, [path])
-    backend.snapshot([copy])
-    write(os.path.join(path, "disk.vhdx"), "after")
-
-    exposed = backend.expose(copy, writable=False)
-    assert exposed == os.path.join(backend.mount_root, str(copy.copy_id))
-    assert read(os.path.join(exposed, "disk.vhdx")) == "before"
-    assert_refuses_writes(exposed)
+    copy, exposed = assert_read_only_copy_shows_old_data(backend, path)
     assert "ro" in mount_options(exposed) and read_only_property(snapshot_path(btrfs_fs, copy)) == "ro=true"
-    assert backend.expose(copy, writable=False) == exposed
     assert os.getxattr(os.path.dirname(snapshot_path(btrfs_fs, copy)), OWNER_XATTR).decode() == str(copy.set_id)
     assert oct(os.stat(btrfs_fs.snapshots()).st_mode & 0o777) == "0o700"
     write(os.path.join(path, "still-writable"), "the share itself is untouched")
@@ -140,12 +136,7 @@ def test_read_only_copy_shows_old_data_and_refuses_writes(btrfs_fs, backend):
 def test_set_of_three_subvolumes_is_one_snapshot_each_and_nothing_else(btrfs_fs, backend):
     paths = [btrfs_fs.subvolume(name) for name in ("vms", "db", "home-alice")]
     btrfs_fs.subvolume("scratch")  # on the file system, not in the set
-    for path in paths:
-        write(os.path.join(path, "data"), f"old {path}")
-    copies = copies_of(backend, paths)
-    backend.snapshot(copies)
-    for path in paths:
-        write(os.path.join(path, "data"), "new")
+    copies = set_taken_between_writes(backend, paths)
 
     top_level = os.path.join(backend.mount_root, f"btrfs-{copies[0].store.group}")
     assert btrfs_fs.ours() == sorted(f"{copy.set_id}/{copy.copy_id}" for copy in copies) + [top_level]
@@ -185,14 +176,7 @@ def test_expose_of_a_snapshot_that_is_not_there_fails_as_missing(btrfs_fs, backe
 # -- removal and reconciliation ---------------------------------------------------------------
 
 def test_remove_leaves_nothing_of_ours_and_can_be_repeated(btrfs_fs, backend):
-    paths = [btrfs_fs.subvolume(name) for name in ("vms", "db")]
-    copies = copies_of(backend, paths)
-    backend.snapshot(copies)
-    exposed = [backend.expose(copy, writable=True) for copy in copies]
-    for copy, path in zip(copies, exposed):
-        write(os.path.join(path, "touched"), "x")
-        backend.remove(copy)
-        backend.remove(copy)
+    assert_removing_written_exposures_leaves_no_directory(backend, [btrfs_fs.subvolume(name) for name in ("vms", "db")])
     assert btrfs_fs.ours() == []  # no snapshot, set directory, exposure or top-level mount
     assert not os.path.exists(btrfs_fs.snapshots())
     assert os.listdir(backend.mount_root) == []

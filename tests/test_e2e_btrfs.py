@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.daemon import ours_after_cleanup
 from tests.support.lvm import run
-from tests.test_e2e_rpcclient import create_expose, delete, write
+from tests.test_e2e_rpcclient import assert_writable_until_recovery_complete, create_expose, delete, write
 
 pytestmark = [pytest.mark.btrfs, pytest.mark.samba_client]
 
@@ -43,19 +43,7 @@ def test_read_only_cycle_serves_the_bytes_of_the_commit_and_leaves_nothing(btrfs
 
 def test_auto_recovery_snapshot_is_writable_until_recovery_complete(btrfs_daemon, tmp_path):
     daemon = btrfs_daemon
-    local = tmp_path / "local.txt"
-    local.write_text("written by a VSS writer during recovery\n")
-    set_id, copies = create_expose(daemon, "rw", "vms")
-    share = f"vms@{{{copies['vms']}}}"
-
-    daemon.smbclient(share, f"put {local} recovered.txt")
-    assert daemon.ctl("prune").returncode == 0  # a reconciliation finds the writable exposure and keeps it
-    assert "written by a VSS writer" in daemon.smbclient(share, "get recovered.txt -")
-    assert not os.path.exists(f"{daemon.paths['vms']}/recovered.txt")  # the snapshot, not the share
-
-    assert "marked recovery complete" in daemon.rpcclient(f"fss_recovery_complete {set_id}")
-    assert "NT_STATUS_ACCESS_DENIED" in daemon.smbclient(share, f"put {local} late.txt")
-    assert "late.txt" not in daemon.smbclient(share, "ls")
+    set_id, copies = assert_writable_until_recovery_complete(daemon, tmp_path)
     snapshot = os.path.join(daemon.pool.snapshots(), set_id, copies["vms"])
     assert run("btrfs", "property", "get", "-ts", snapshot, "ro").strip() == "ro=true"
 

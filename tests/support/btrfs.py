@@ -25,7 +25,7 @@ from fsrvpd.backends.base import ShadowCopyRef
 from fsrvpd.backends.btrfs import SNAPSHOT_DIR
 from fsrvpd.backends.host import Mount, read_mounts
 from tests.support.apt import ensure_tools
-from tests.support.daemon import FsrvpDaemon
+from tests.support.daemon import FsrvpDaemon, serving
 from tests.support.lvm import run
 
 __all__ = ["BtrfsDaemon", "FileBtrfs", "btrfs_daemon", "btrfs_fs", "btrfs_tools", "ensure_btrfs"]
@@ -138,11 +138,5 @@ def btrfs_fs(btrfs_tools) -> FileBtrfs:
 
 @pytest.fixture
 def btrfs_daemon(request, btrfs_fs, tmp_path: Path, samba_clients):
-    """A running fsrvpd with shares vms and sql on a fresh btrfs; stopped (cleanly) afterwards,
-    its log printed when the test failed."""
-    running = BtrfsDaemon(btrfs_fs, tmp_path).start()
-    yield running
-    status = running.stop()
-    report = getattr(request.node, "report_call", None)
-    if status not in (0, None) or (report is not None and report.failed):
-        print(f"--- fsrvpd log ({running.log_path}) ---\n{running.log()}")
+    """A running fsrvpd with shares vms and sql on a fresh btrfs."""
+    yield from serving(request, BtrfsDaemon(btrfs_fs, tmp_path))

@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,8 @@ STOP_SECONDS = 30.0
 CLEANUP_SECONDS = 60.0
 PEER_PACKAGES = {"rpcclient": "samba-common-bin", "smbclient": "smbclient"}
 
-__all__ = ["FsrvpDaemon", "RawPipe", "daemon", "samba_clients", "free_port", "USER", "PASSWORD", "NETBIOS_NAME"]
+__all__ = ["FsrvpDaemon", "RawPipe", "daemon", "serving", "samba_clients", "free_port", "USER", "PASSWORD",
+           "NETBIOS_NAME"]
 
 
 def free_port() -> int:
@@ -234,14 +236,17 @@ def samba_clients():
     ensure_samba_clients()
 
 
-@pytest.fixture
-def daemon(request, zfs_pool, tmp_path, samba_clients):
-    """A running fsrvpd on a fresh pool with shares vms and sql; stopped (cleanly) afterwards.
-
-    The daemon's log is printed when the test failed or the daemon did not exit cleanly."""
-    running = FsrvpDaemon(zfs_pool, tmp_path).start()
-    yield running
-    status = running.stop()
+def serving(request, daemon: FsrvpDaemon) -> Iterator[FsrvpDaemon]:
+    """A fixture's body: the daemon started for the test, stopped (cleanly) afterwards; its log is
+    printed when the test failed or the daemon did not exit cleanly."""
+    yield daemon.start()
+    status = daemon.stop()
     report = getattr(request.node, "report_call", None)
     if status not in (0, None) or (report is not None and report.failed):
-        print(f"--- fsrvpd log ({running.log_path}) ---\n{running.log()}")
+        print(f"--- fsrvpd log ({daemon.log_path}) ---\n{daemon.log()}")
+
+
+@pytest.fixture
+def daemon(request, zfs_pool, tmp_path, samba_clients):
+    """A running fsrvpd on a fresh pool with shares vms and sql."""
+    yield from serving(request, FsrvpDaemon(zfs_pool, tmp_path))
