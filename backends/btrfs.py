@@ -282,29 +282,32 @@ class BtrfsBackend(Backend):
 
     def snapshot(self, copies: list[ShadowCopyRef]) -> None:
         try:
-            jobs = []
-            for copy in copies:
-                top_level = self._top_level(copy.store.group)
-                source = os.path.join(top_level, copy.store.name.split(":", 1)[1].lstrip("/"))
-                if not _is_subvolume(source):
-                    raise BtrfsError(f"subvolume {copy.store.name} of {copy.store.mountpoint} is gone", missing=True)
-                target = top_level + _snapshot_root(copy.set_id, copy.copy_id)
-                self._make_set_directory(os.path.dirname(target), copy.set_id)
-                if os.path.lexists(target):
-                    raise BtrfsError(f"{target} already exists")
-                jobs.append((source, target))
-            with concurrent.futures.ThreadPoolExecutor(PARALLEL_SNAPSHOTS) as pool:
-                for done in [pool.submit(self.btrfs.snapshot, source, target) for source, target in jobs]:
-                    done.result()
-        except (StorageCommandError, CommandFailed, OSError) as exc:
+            with failing_as("taking the snapshots failed"):
+                self._snapshot_all(copies)
+        except BackendError:
             for copy in copies:
                 try:
                     self.remove(copy)
                 except BackendError as cleanup:
                     log.error("could not discard the snapshot of copy %s of failed set %s (it carries our record; "
                               "reconciliation retries): %s", copy.copy_id, copy.set_id, cleanup)
-            with failing_as("taking the snapshots failed"):
-                raise exc
+            raise
+
+    def _snapshot_all(self, copies: list[ShadowCopyRef]) -> None:
+        jobs = []
+        for copy in copies:
+            top_level = self._top_level(copy.store.group)
+            source = os.path.join(top_level, copy.store.name.split(":", 1)[1].lstrip("/"))
+            if not _is_subvolume(source):
+                raise BtrfsError(f"subvolume {copy.store.name} of {copy.store.mountpoint} is gone", missing=True)
+            target = top_level + _snapshot_root(copy.set_id, copy.copy_id)
+            self._make_set_directory(os.path.dirname(target), copy.set_id)
+            if os.path.lexists(target):
+                raise BtrfsError(f"{target} already exists")
+            jobs.append((source, target))
+        with concurrent.futures.ThreadPoolExecutor(PARALLEL_SNAPSHOTS) as pool:
+            for done in [pool.submit(self.btrfs.snapshot, source, target) for source, target in jobs]:
+                done.result()
 
     @staticmethod
     def _make_set_directory(directory: str, set_id: uuid.UUID) -> None:
