@@ -1,8 +1,9 @@
 """The btrfs backend: a share is the root of a subvolume, a shadow copy is a read-only snapshot of it.
 
 Objects and places (GUIDs lowercase, without braces)
-  top level   <mount_root>/btrfs-<fsid>    the file system's top-level subvolume (id 5), mounted by
-              fsrvpd while it holds snapshots there (unmounted with the last one)
+  top level   <mount_root>/btrfs/<fsid>    the file system's top-level subvolume (id 5), mounted by
+              fsrvpd while it holds snapshots there (unmounted with the last one); <mount_root>/btrfs
+              is root's alone, so the mount opens no path around the admin's directory permissions
   set dir     <top level>/.fsrvpd-snapshots/<set guid>    carries the ownership record, the xattr
               trusted.fsrvpd.set=<set guid>, written before the set's first snapshot exists
   snapshot    <set dir>/<copy guid>        `btrfs subvolume snapshot -r` of the share's subvolume
@@ -59,7 +60,7 @@ from fsrvpd.runner import CommandFailed, CommandRunner
 log = logging.getLogger("fsrvpd.backends.btrfs")
 
 SNAPSHOT_DIR = ".fsrvpd-snapshots"
-TOP_LEVEL_PREFIX = "btrfs-"
+TOP_LEVELS = "btrfs"  # below the mount root
 OWNER_XATTR = "trusted.fsrvpd.set"
 MOUNT = "mount"  # OwnedObject kind of a snapshot mounted under the mount root: its exposure
 SET_DIRECTORY = "set directory"  # OwnedObject kind of an empty set directory (copy_id None)
@@ -248,7 +249,7 @@ class BtrfsBackend(Backend):
 
     def _top_level(self, fsid: str) -> str:
         """Our mount of the file system's top-level subvolume, mounted now if it is not."""
-        directory = os.path.join(self.mount_root, TOP_LEVEL_PREFIX + fsid)
+        directory = os.path.join(self.mount_root, TOP_LEVELS, fsid)
         mounted = _mount_at(directory)
         if mounted is not None and mounted.fstype == "btrfs" and mounted.root == "/" \
                 and _filesystem_id(mounted.source) == fsid:
@@ -257,7 +258,10 @@ class BtrfsBackend(Backend):
         if device is None:
             raise BtrfsError(f"btrfs file system {fsid} is not mounted anywhere", missing=True)
         make_mount_root(self.mount_root)
-        os.makedirs(directory, mode=PRIVATE_MODE, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(os.path.dirname(directory))
+            os.chmod(os.path.dirname(directory), PRIVATE_MODE)  # whatever the daemon's umask
+        os.makedirs(directory, exist_ok=True)
         self.mounter.mount(device, directory, "btrfs", "subvolid=5")
         return directory
 
@@ -266,13 +270,11 @@ class BtrfsBackend(Backend):
         reboot; one the kernel no longer knows is skipped (and logged)."""
         found = []
         with contextlib.suppress(FileNotFoundError):
-            for name in sorted(os.listdir(self.mount_root)):
-                if name.startswith(TOP_LEVEL_PREFIX):
-                    fsid = name.removeprefix(TOP_LEVEL_PREFIX)
-                    try:
-                        found.append((fsid, self._top_level(fsid)))
-                    except (BtrfsError, CommandFailed) as exc:
-                        log.warning("not looking for snapshots on btrfs %s: %s", fsid, exc)
+            for fsid in sorted(os.listdir(os.path.join(self.mount_root, TOP_LEVELS))):
+                try:
+                    found.append((fsid, self._top_level(fsid)))
+                except (BtrfsError, CommandFailed) as exc:
+                    log.warning("not looking for snapshots on btrfs %s: %s", fsid, exc)
         return found
 
     def _mountpoint(self, copy_id: uuid.UUID) -> str:

@@ -138,7 +138,7 @@ def test_set_of_three_subvolumes_is_one_snapshot_each_and_nothing_else(btrfs_fs,
     btrfs_fs.subvolume("scratch")  # on the file system, not in the set
     copies = set_taken_between_writes(backend, paths)
 
-    top_level = os.path.join(backend.mount_root, f"btrfs-{copies[0].store.group}")
+    top_level = os.path.join(backend.mount_root, "btrfs", copies[0].store.group)
     assert btrfs_fs.ours() == sorted(f"{copy.set_id}/{copy.copy_id}" for copy in copies) + [top_level]
     for copy in copies:
         exposed = backend.expose(copy, writable=False)
@@ -179,7 +179,8 @@ def test_remove_leaves_nothing_of_ours_and_can_be_repeated(btrfs_fs, backend):
     assert_removing_written_exposures_leaves_no_directory(backend, [btrfs_fs.subvolume(name) for name in ("vms", "db")])
     assert btrfs_fs.ours() == []  # no snapshot, set directory, exposure or top-level mount
     assert not os.path.exists(btrfs_fs.snapshots())
-    assert os.listdir(backend.mount_root) == []
+    assert os.listdir(backend.mount_root) == ["btrfs"] and os.listdir(os.path.join(backend.mount_root, "btrfs")) == []
+    assert oct(os.stat(os.path.join(backend.mount_root, "btrfs")).st_mode & 0o777) == "0o700"
 
 
 def test_a_subvolume_without_our_record_is_never_touched(btrfs_fs, backend):
@@ -216,7 +217,7 @@ def test_owned_reports_exposures_apart_and_remove_owned_of_one_keeps_the_snapsho
     exposed = backend.expose(copies[0], writable=True)
 
     found = backend.owned()
-    set_directory = os.path.join(backend.mount_root, f"btrfs-{copies[0].store.group}", SNAPSHOT_DIR,
+    set_directory = os.path.join(backend.mount_root, "btrfs", copies[0].store.group, SNAPSHOT_DIR,
                                  str(copies[0].set_id))
     expected = [("mount", exposed, copies[0].copy_id)] + sorted(
         ("snapshot", os.path.join(set_directory, str(copy.copy_id)), copy.copy_id) for copy in copies)
@@ -246,7 +247,7 @@ def test_an_empty_set_directory_is_owned_and_removable(btrfs_fs, backend):
 def test_owned_mounts_the_top_level_again_after_a_reboot(btrfs_fs, backend):
     [copy] = copies_of(backend, [btrfs_fs.subvolume("vms")])
     backend.snapshot([copy])
-    top_level = os.path.join(backend.mount_root, f"btrfs-{copy.store.group}")
+    top_level = os.path.join(backend.mount_root, "btrfs", copy.store.group)
     run("umount", top_level)
     assert [(obj.kind, obj.copy_id) for obj in backend.owned()] == [("snapshot", copy.copy_id)]
     assert top_level in btrfs_fs.mounts()
