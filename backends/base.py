@@ -61,6 +61,7 @@ class ShadowCopyRef:
 
 
 SNAPSHOT = "snapshot"
+MOUNT = "mount"  # OwnedObject kind of a snapshot mounted under the mount root: its exposure
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,7 +50,8 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
-from fsrvpd.backends.base import SNAPSHOT, Backend, BackendError, FileStore, NotSupported, OwnedObject, ShadowCopyRef
+from fsrvpd.backends.base import (MOUNT, SNAPSHOT, Backend, BackendError, FileStore, NotSupported, OwnedObject,
+                                  ShadowCopyRef)
 from fsrvpd.backends.host import Mount, Mounter, StorageCommandError, is_below, read_mounts, remove_empty_directory, retry_while_busy
 from fsrvpd.runner import CommandFailed, CommandRunner
 
@@ -60,7 +61,6 @@ SET_TAG = "fsrvpd-set:"
 COPY_TAG = "fsrvpd-copy:"
 NAME_PREFIX = "fsrvpd-"
 DEFAULT_SNAPSHOT_SIZE = "20%"
-MOUNT = "mount"  # OwnedObject kind of a snapshot mounted under the mount root: its exposure
 # Mount options per file system: read-only without touching the (frozen-clean) log, or writable.
 MOUNT_OPTIONS = {
     "ext4": {False: "ro,noload", True: "rw"},
