@@ -55,9 +55,11 @@ def _fsrvpd_shares(backend: str, shares: dict[str, str], with_paths: bool) -> di
 
 @contextlib.contextmanager
 def _started(daemon: FsrvpDaemon) -> Iterator[FsrvpDaemon]:
-    """The daemon running with the logging of production (debug would log every command); stopped after,
-    also when it did not come up."""
+    """The daemon running with the logging of production (debug would log every command) and no
+    per-client call rate limit (50 calls/s by default: one fast client, as here, goes over it with
+    GetShareMapping; Samba has none); stopped after, also when it did not come up."""
     daemon.config["logging"]["level"] = "info"
+    daemon.config["limits"] = {"max_calls_per_second": 100000}
     try:
         yield daemon.start()
     finally:

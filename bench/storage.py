@@ -26,7 +26,8 @@ import time
 import uuid
 
 from fsrvpd.backends.host import read_mounts
-from tests.support.zfs import FilePool, ensure_zfs, run, zfs
+from tests.support.lvm import run
+from tests.support.zfs import FilePool, ensure_zfs, zfs
 
 SET_SIZES = (1, 8, 64)
 BACKENDS = ("zfs", "btrfs")

@@ -22,7 +22,7 @@ import pytest
 
 from fsrvpd.backends.host import read_mounts
 
-__all__ = ["FilePool", "ensure_zfs", "fill", "hanging_zfs", "run", "zfs", "zfs_daemon", "zfs_pool"]
+__all__ = ["FilePool", "ensure_zfs", "fill", "hanging_zfs", "zfs", "zfs_daemon", "zfs_pool"]
 
 WAIT_SECONDS = 30.0  # for zfs-fuse to answer, a busy pool to go, the daemon to stop
 _apt_updated = False
@@ -30,10 +30,10 @@ _apt_updated = False
 
 def zfs(*args: str) -> str:
     """Run one zfs command and return its output; raise with zfs's own message when it fails."""
-    return run("zfs", *args)
+    return _run("zfs", *args)
 
 
-def run(*argv: str) -> str:
+def _run(*argv: str) -> str:
     proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")
@@ -130,7 +130,7 @@ class FilePool:
         with open(image, "wb") as sparse:
             sparse.truncate(self.size_mib * 1024 * 1024)
         try:
-            run("zpool", "create", "-f", "-m", self.mountpoint, self.name, image)
+            _run("zpool", "create", "-f", "-m", self.mountpoint, self.name, image)
         except BaseException:
             shutil.rmtree(self.directory)
             raise
@@ -147,7 +147,7 @@ class FilePool:
         deadline = time.monotonic() + WAIT_SECONDS
         while True:
             try:
-                run("zpool", "destroy", "-f", self.name)
+                _run("zpool", "destroy", "-f", self.name)
                 break
             except RuntimeError as exc:
                 if "no such pool" in str(exc):
