@@ -33,8 +33,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 SHARE_NAME = re.compile(r"^[^\x00-\x1f\"\\/\[\]:|<>+=;,*?@{}]{1,80}$")
 NETBIOS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,14}$")
 NT_HASH = re.compile(r"^[0-9a-fA-F]{32}$")
-# rpc.min_auth_level: `none` serves unauthenticated binds as Samba does; MS-FSRVP 3.1.4 asks for
-# packet integrity or privacy.
+# rpc.min_auth_level: `none` serves unauthenticated binds as Samba does (the default in samba mode,
+# where smbd has authenticated the session and domain accounts have no hash fsrvpd could check);
+# MS-FSRVP 3.1.4 asks for packet integrity or privacy.
 MIN_AUTH_LEVELS = {"none": AuthLevel.NONE, "integrity": AuthLevel.PKT_INTEGRITY, "privacy": AuthLevel.PKT_PRIVACY}
 
 
@@ -340,11 +341,6 @@ def parse(text: str, source: str = "<config>") -> Config:
     rpc = top.section("rpc")
     min_auth_level = MIN_AUTH_LEVELS[rpc.choice("min_auth_level", tuple(MIN_AUTH_LEVELS),
                                                 "none" if samba else "integrity")]
-    if samba and min_auth_level != AuthLevel.NONE:
-        # The bind's NTLM would have to be checked against Samba's accounts (winbind), which fsrvpd
-        # cannot do yet; smbd authenticates the session and authorization checks its SIDs.
-        raise rpc.error("min_auth_level", "RPC-level authentication is not available behind Samba yet; "
-                                          "leave it out (none)")
     rpc.finish()
 
     limits = _limits(top.section("limits"))

@@ -10,9 +10,9 @@ AUTHENTICATE but never checks one, verifies no MIC, and its structure classes ra
 the byte layout provokes on a malformed token.  A server parses attacker-controlled tokens, so
 every field here is read bounds-checked and every defect becomes one AuthError.
 
-Checking a response needs the password's NT hash, or someone who has it: `Accounts` is that
-seam.  `NtHashAccounts` checks against configured NT hashes (the embedded front door); a Samba
-front door can answer the same question through winbind.
+Checking a response needs the password's NT hash: `Accounts.nt_hash` is that seam.
+`NtHashAccounts` has configured NT hashes (the embedded front door); the Samba front door reads
+them from Samba's account database (samba.SambaPassdbAccounts).
 """
 
 from __future__ import annotations
@@ -93,19 +93,13 @@ class Accounts(abc.ABC):
     """Who may log on, and the check of their NTLMv2 responses."""
 
     @abc.abstractmethod
+    def nt_hash(self, user: str) -> tuple[str, bytes] | None:
+        """(the account's own name, its NT hash) for an account that may log on, else None."""
+
     def check_ntlmv2(self, user: str, domain: str, server_challenge: bytes,
                      nt_response: bytes) -> tuple[str, bytes] | None:
         """(the account's own name, SessionBaseKey) if the response proves the password, else None."""
-
-
-class NtHashAccounts(Accounts):
-    """Accounts with their NT hashes at hand, matched case-insensitively as Windows does."""
-
-    def __init__(self, nt_hashes: Mapping[str, str]) -> None:
-        self._accounts = {user.casefold(): (user, bytes.fromhex(nt_hash)) for user, nt_hash in nt_hashes.items()}
-
-    def check_ntlmv2(self, user, domain, server_challenge, nt_response):
-        account = self._accounts.get(user.casefold())
+        account = self.nt_hash(user)
         if account is None:
             return None
         name, nt_hash = account
@@ -115,6 +109,16 @@ class NtHashAccounts(Accounts):
             if key is not None:
                 return name, key
         return None
+
+
+class NtHashAccounts(Accounts):
+    """Accounts with their NT hashes at hand, matched case-insensitively as Windows does."""
+
+    def __init__(self, nt_hashes: Mapping[str, str]) -> None:
+        self._accounts = {user.casefold(): (user, bytes.fromhex(nt_hash)) for user, nt_hash in nt_hashes.items()}
+
+    def nt_hash(self, user):
+        return self._accounts.get(user.casefold())
 
 
 class _Token:

@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Callable, Mapping
+from typing import Callable
 
 from . import dcerpc
 from . import logs
@@ -22,7 +22,7 @@ from . import messages
 from .config import MIN_AUTH_LEVELS, Config, Limits
 from .constants import FSRVP_INTERFACE_UUID, FSRVP_INTERFACE_VERSION, HResult, Opnum, hresult_name
 from .ndr import NdrError
-from .ntlm import NtHashAccounts, NtlmContext
+from .ntlm import Accounts, NtlmContext
 from .rpcauth import AuthLevel, AuthType, SecurityProviders
 from .service import FsrvpService
 from .spnego import SpnegoContext
@@ -34,10 +34,9 @@ READ_SIZE = 65536
 _LEVEL_SETTING = {level: name for name, level in MIN_AUTH_LEVELS.items()}
 
 
-def embedded_security_providers(nt_hashes: Mapping[str, str], domain: str, server_name: str,
-                                dns_name: str | None = None) -> SecurityProviders:
-    """NTLMSSP, bare and inside SPNEGO, checked against the configured users' NT hashes."""
-    accounts = NtHashAccounts(nt_hashes)
+def security_providers(accounts: Accounts, domain: str, server_name: str,
+                       dns_name: str | None = None) -> SecurityProviders:
+    """NTLMSSP, bare and inside SPNEGO, checked against the front door's accounts."""
 
     def ntlm(level: AuthLevel) -> NtlmContext:
         return NtlmContext(level, accounts, domain, server_name, clock=time.time, dns_name=dns_name)
@@ -54,8 +53,8 @@ class PipeSettings:
     limits: Limits
 
     @classmethod
-    def from_config(cls, config: Config) -> PipeSettings:
-        providers = embedded_security_providers(config.users, config.domain, config.netbios_name, config.fqdn)
+    def from_config(cls, config: Config, accounts: Accounts) -> PipeSettings:
+        providers = security_providers(accounts, config.domain, config.netbios_name, config.fqdn)
         return cls(config.min_auth_level, providers, config.limits)
 
 

@@ -8,6 +8,9 @@
   next tree connect; `smbcontrol smbd reload-config` makes running smbd processes drop deleted or
   changed ones at once.  Nothing needs an smbd restart.
 * Share security descriptors (share_info.tdb) are copied with `sharesec --viewsddl/--setsddl`.
+* RPC-level NTLM (rpc.min_auth_level integrity or privacy) is checked against Samba's own account
+  database: `pdbedit -L -w -u USER` prints the account's NT hash and flags (root only).  Local
+  (passdb) accounts only: a domain account's hash is in AD, which only winbind can ask.
 * Ownership: every share fsrvpd writes carries the parametric option `fsrvpd:base = <base share>`;
   fsrvpd only ever deletes registry shares that carry it.
 
@@ -21,7 +24,8 @@ import os
 import tempfile
 import time
 
-from .config import ShareConfig
+from .config import NT_HASH, ShareConfig
+from .ntlm import Accounts
 from .runner import CommandFailed, CommandRunner
 from .transports.base import FrontDoorError
 
@@ -138,6 +142,16 @@ class SambaTools:
     def set_security_descriptor(self, share: str, sddl: str) -> None:
         self._run("sharesec", "-s", self.smb_conf, share, f"--setsddl={sddl}")
 
+    def passdb_entry(self, user: str) -> tuple[str, str, str] | None:
+        """(account name, NT hash in hex, account flags) from Samba's account database; None if
+        there is no such account."""
+        proc = self.runner.run(["pdbedit", "-s", self.smb_conf, "-L", "-w", "-u", user], timeout=self.timeout,
+                               check=False)
+        fields = proc.stdout.strip().split(":") if proc.returncode == 0 else []
+        if len(fields) < 5:
+            return None
+        return fields[0], fields[3], fields[4].strip("[] ")
+
     def reload_smbd(self) -> None:
         """Tell running smbd processes to re-read the configuration; no smbd running is fine."""
         proc = self.runner.run(["smbcontrol", "-s", self.smb_conf, "smbd", "reload-config"], timeout=self.timeout,
@@ -145,6 +159,21 @@ class SambaTools:
         if proc.returncode != 0:
             log.debug("smbcontrol reload-config: %s", (proc.stdout + proc.stderr).strip())
 
+
+class SambaPassdbAccounts(Accounts):
+    """The RPC logons of samba mode: Samba's enabled accounts with a password (smbpasswd -a)."""
+
+    def __init__(self, tools: SambaTools) -> None:
+        self.tools = tools
+
+    def nt_hash(self, user):
+        entry = self.tools.passdb_entry(user)
+        if entry is None:
+            return None
+        name, nt_hash, flags = entry
+        if "D" in flags or not NT_HASH.match(nt_hash):  # disabled, or no password set ("NO PASSWORD...")
+            return None
+        return name, bytes.fromhex(nt_hash)
 
 
 class SambaShareCatalog:

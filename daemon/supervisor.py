@@ -54,7 +54,7 @@ class Supervisor:
         self.last_reload: dict | None = None
         self._reloading = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
-        self.pipe_settings = PipeSettings.from_config(service.config)  # a reload replaces it
+        self.pipe_settings = PipeSettings.from_config(service.config, front_door.accounts())  # a reload replaces it
         self.clients = ClientLimits(service.config.limits.max_connections_per_client,
                                     service.config.limits.max_calls_per_second)
 
@@ -144,7 +144,7 @@ class Supervisor:
                     await self._sync_shares(old.shares, new.shares)
                     crash_point("reload.shares_synced")
                     self.service.reconfigure(new)
-                    self.pipe_settings = PipeSettings.from_config(new)  # rpc.min_auth_level applies to new calls
+                    self.pipe_settings = PipeSettings.from_config(new, self.front_door.accounts())  # rpc.min_auth_level applies to new calls
                 ok, message = True, f"shares: {', '.join(s.name for s in new.shares.values()) or 'none'}"
                 log.info("configuration reloaded from %s; %s", new.source, message)
             self.metrics.config_reloaded(ok)

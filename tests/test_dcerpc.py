@@ -18,7 +18,8 @@ from impacket.uuid import uuidtup_to_bin
 
 from fsrvpd import dcerpc
 from fsrvpd.constants import FSRVP_INTERFACE_UUID
-from fsrvpd.rpcserver import embedded_security_providers
+from fsrvpd.ntlm import NtHashAccounts
+from fsrvpd.rpcserver import security_providers
 from tests.support.inmemory import InMemoryPipe
 from tests.support.ntlmpeer import ImpacketPeer
 
@@ -780,7 +781,8 @@ SUPPORT_HEADER_SIGN = 0x04
 
 
 def secured_connection(**kwargs) -> dcerpc.ServerConnection:
-    providers = embedded_security_providers({USER: impacket_ntlm.compute_nthash(PASSWORD).hex()}, DOMAIN, "FSRVPD")
+    accounts = NtHashAccounts({USER: impacket_ntlm.compute_nthash(PASSWORD).hex()})
+    providers = security_providers(accounts, DOMAIN, "FSRVPD")
     return new_connection(security_providers=providers, **kwargs)
 
 

@@ -16,9 +16,13 @@ import uuid
 
 import pytest
 
-from tests.support.daemon import ours_on_storage
+from impacket import ntlm as impacket_ntlm
+
+from fsrvpd.runner import CommandRunner
+from fsrvpd.samba import SambaPassdbAccounts, SambaTools
+from tests.support.daemon import PASSWORD, ours_on_storage
 from tests.support.samba import ADMIN, ADMIN_PASSWORD, PLAIN_PASSWORD, PLAIN_USER, SambaFsrvpd, SambaServer
-from tests.test_e2e_rpcclient import create_expose, delete, write
+from tests.test_e2e_rpcclient import EXPOSED, create_expose, delete, write
 
 pytestmark = [pytest.mark.zfs, pytest.mark.samba_client]
 
@@ -120,6 +124,38 @@ def test_only_administrators_backup_operators_and_listed_accounts_change_state(f
     assert "shadow-copy deleted" in samba.rpcclient(f"fss_delete vms {set_id} {copy_id}", user=PLAIN_USER,
                                                     password=PLAIN_PASSWORD)
     assert_nothing_left(fsrvpd)
+
+
+def test_rpc_authentication_behind_smbd_checks_samba_accounts(samba, zfs_pool, tmp_path):
+    """rpc.min_auth_level integrity in samba mode: the bind's NTLM, relayed by smbd, is checked
+    against Samba's passdb; signed and sealed cycles work, an unsigned call is refused."""
+    fsrvpd = SambaFsrvpd(samba, zfs_pool, tmp_path)
+    fsrvpd.config["rpc"] = {"min_auth_level": "integrity"}
+    fsrvpd.start()
+    try:
+        assert E_ACCESSDENIED in fsrvpd.rpcclient("fss_is_path_sup vms")
+        created = fsrvpd.rpcclient("fss_create_expose backup ro vms", binding="ncacn_np:127.0.0.1[seal]")
+        [(set_id, copy_id, _, _)] = EXPOSED.findall(created)
+        assert "NT_STATUS" not in fsrvpd.smbclient(f"vms@{{{copy_id}}}", "ls")
+        deleted = fsrvpd.rpcclient(f"fss_delete vms {set_id} {copy_id}", binding="ncacn_np:127.0.0.1[sign]")
+        assert "shadow-copy deleted" in deleted, deleted + fsrvpd.log()
+        assert re.search(r"RPC authentication of \S*backup \(winnt, pkt_privacy\)", fsrvpd.log()), fsrvpd.log()
+        assert_nothing_left(fsrvpd)
+    finally:
+        fsrvpd.stop()
+        fsrvpd.remove_base_shares()
+
+
+def test_samba_accounts_are_read_from_samba_passdb(samba):
+    """The accounts RPC logons are checked against: enabled passdb accounts, with their NT hash."""
+    accounts = SambaPassdbAccounts(SambaTools(CommandRunner(), samba.conf, str(samba.directory / "tmp")))
+    assert accounts.nt_hash("BACKUP") == ("backup", impacket_ntlm.compute_nthash(PASSWORD))
+    assert accounts.nt_hash("nobody-here") is None
+    samba.smbpasswd("-d", PLAIN_USER)
+    try:
+        assert accounts.nt_hash(PLAIN_USER) is None
+    finally:
+        samba.smbpasswd("-e", PLAIN_USER)
 
 
 def test_expiry_removes_the_snapshot_share(samba, zfs_pool, tmp_path):

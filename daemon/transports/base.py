@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 from typing import Awaitable, Callable
 
+from ..ntlm import Accounts
 from ..rpcauth import Principal
 
 
@@ -67,6 +68,10 @@ class FrontDoor(abc.ABC):
     @abc.abstractmethod
     async def unpublish_share(self, name: str) -> None:
         """Remove a share while the server runs (no error if it is not there)."""
+
+    @abc.abstractmethod
+    def accounts(self) -> Accounts:
+        """The accounts that may authenticate RPC calls on the pipe (NTLM): this door's users."""
 
     @abc.abstractmethod
     def share_names(self) -> set[str]:

@@ -48,6 +48,7 @@ from impacket.nt_errors import (STATUS_ACCESS_DENIED, STATUS_BAD_NETWORK_NAME, S
 from impacket.smbserver import PIPE_FILE_DESCRIPTOR, SMBSERVER, SRVSServer, WKSTServer, normalize_path
 
 from ..constants import PIPE_NAME
+from ..ntlm import Accounts, NtHashAccounts
 from ..observer import Observer
 from .base import Caller, FrontDoor, PipeHandler, ShareSpec
 
@@ -165,6 +166,9 @@ class EmbeddedFrontDoor(FrontDoor):
     async def unpublish_share(self, name: str) -> None:
         if self._shares.pop(name.upper(), None) is not None:
             self._apply_config()
+
+    def accounts(self) -> Accounts:
+        return NtHashAccounts(self._users)
 
     def share_names(self) -> set[str]:
         return {share.name for share in self._shares.values()}

@@ -30,7 +30,8 @@ import struct
 
 from .. import npa
 from ..constants import PIPE_NAME
-from ..samba import OWNER_PARAMETER, SambaError, SambaTools, is_yes, owned_shares, snapshot_share_parameters
+from ..ntlm import Accounts
+from ..samba import OWNER_PARAMETER, SambaError, SambaPassdbAccounts, SambaTools, is_yes, owned_shares, snapshot_share_parameters
 from .base import Caller, FrontDoor, PipeHandler, ShareSpec
 
 log = logging.getLogger("fsrvpd.samba")
@@ -298,6 +299,9 @@ class SambaFrontDoor(FrontDoor):
         self.tools.delete_share(name)
         self.tools.reload_smbd()
         owned.pop(name, None)
+
+    def accounts(self) -> Accounts:
+        return SambaPassdbAccounts(self.tools)
 
     def share_names(self) -> set[str]:
         """The snapshot shares fsrvpd has in Samba's registry (tagged), including those of a previous run."""

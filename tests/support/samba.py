@@ -156,6 +156,9 @@ class SambaServer:
             self._stop(name)
 
     # -- tools --------------------------------------------------------------------------------
+    def smbpasswd(self, *args: str) -> str:
+        return _run("smbpasswd", "-c", self.conf, *args)
+
     def net(self, *args: str) -> str:
         return _run("net", "-s", self.conf, *args)
 
@@ -171,10 +174,12 @@ class SambaServer:
     def set_sddl(self, share: str, sddl: str) -> None:
         _run("sharesec", "-s", self.conf, share, f"--setsddl={sddl}")
 
-    def rpcclient(self, *commands: str, user: str = USER, password: str = PASSWORD) -> str:
-        """rpcclient over SMB3 through smbd; it exits 0 even when a call fails, so callers read its output."""
+    def rpcclient(self, *commands: str, user: str = USER, password: str = PASSWORD,
+                  binding: str = "127.0.0.1") -> str:
+        """rpcclient over SMB3 through smbd (`binding` adds RPC-level auth, e.g. 'ncacn_np:127.0.0.1[sign]');
+        it exits 0 even when a call fails, so callers read its output."""
         proc = subprocess.run(["rpcclient", "-m", "SMB3", "-p", str(self.port), "-U", f"{user}%{password}",
-                               "127.0.0.1", "-c", "; ".join(commands)], capture_output=True, text=True, timeout=120)
+                               binding, "-c", "; ".join(commands)], capture_output=True, text=True, timeout=120)
         return proc.stdout + proc.stderr
 
     def smbclient(self, share: str, command: str, user: str = USER, password: str = PASSWORD) -> str:
@@ -212,8 +217,9 @@ class SambaFsrvpd(FsrvpDaemon):
     def _listening(self) -> bool:
         return "(samba front door)" in self.log()[self._log_offset:]
 
-    def rpcclient(self, *commands: str, user: str = USER, password: str = PASSWORD) -> str:
-        return self.samba.rpcclient(*commands, user=user, password=password)
+    def rpcclient(self, *commands: str, user: str = USER, password: str = PASSWORD,
+                  binding: str = "127.0.0.1") -> str:
+        return self.samba.rpcclient(*commands, user=user, password=password, binding=binding)
 
     def smbclient(self, share: str, command: str, user: str = USER, password: str = PASSWORD) -> str:
         return self.samba.smbclient(share, command, user=user, password=password)
