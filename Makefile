@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := zfs-fuse samba samba-common-bin smbclient libsystemd-dev pkg-config lvm2 thin-provisioning-tools xfsprogs
+APT_PACKAGES := zfs-fuse samba samba-common-bin smbclient libsystemd-dev pkg-config lvm2 thin-provisioning-tools xfsprogs btrfs-progs
 DEMO_DIR ?= /var/tmp/fsrvpd-demo
 BACKEND ?= zfs
 

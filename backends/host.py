@@ -5,12 +5,16 @@ share it just stopped serving).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from typing import Callable, NamedTuple, TypeVar
 
+from fsrvpd.backends.base import BackendError
 from fsrvpd.runner import CommandFailed, CommandRunner
 
 log = logging.getLogger("fsrvpd.backends")
@@ -41,12 +45,27 @@ class StorageCommandError(Exception):
         return cls(str(failure), missing=says(cls.MISSING), busy=says(cls.BUSY), out_of_space=says(cls.OUT_OF_SPACE))
 
 
+@contextlib.contextmanager
+def failing_as(action: str) -> Iterator[None]:
+    """Report a storage command's or the file system's failure to the daemon as BackendError,
+    keeping its out-of-space and missing flags."""
+    try:
+        yield
+    except StorageCommandError as exc:
+        raise BackendError(f"{action}: {exc}", out_of_space=exc.out_of_space, missing=exc.missing) from exc
+    except CommandFailed as exc:
+        raise BackendError(f"{action}: {exc}") from exc
+    except OSError as exc:
+        raise BackendError(f"{action}: {exc}", out_of_space=exc.errno == errno.ENOSPC) from exc
+
+
 class Mount(NamedTuple):
     mountpoint: str
     fstype: str
     source: str
     device: str  # "major:minor" of the mounted block device (st_dev for others)
     options: frozenset[str]  # per-mount options: "ro" or "rw", ...
+    root: str = "/"  # the directory of the file system mounted here (a btrfs subvolume's path)
 
 
 def read_mounts() -> list[Mount]:
@@ -58,7 +77,7 @@ def read_mounts() -> list[Mount]:
             fields = before.split()
             fstype, source = after.split()[:2]
             mounts.append(Mount(_unescape(fields[4]), fstype, _unescape(source), fields[2],
-                                frozenset(fields[5].split(","))))
+                                frozenset(fields[5].split(",")), _unescape(fields[3])))
     return mounts
 
 
@@ -80,6 +99,14 @@ def remove_empty_directory(path: str) -> None:
         pass
     except OSError as exc:
         log.warning("left directory %s in place: %s", path, exc.strerror)
+
+
+def make_mount_root(mount_root: str) -> None:
+    """The directory exposures are mounted under, traversable whatever the daemon's umask: smbd
+    reaches them as the connected user."""
+    if not os.path.isdir(mount_root):
+        os.makedirs(mount_root)
+        os.chmod(mount_root, 0o755)
 
 
 def retry_while_busy(action: Callable[[], T], busy: Callable[[Exception], bool]) -> T:
@@ -114,8 +141,11 @@ class Mounter:
     def mount(self, device: str, mountpoint: str, fstype: str, options: str) -> None:
         self.runner.run(["mount", "-t", fstype, "-o", options, device, mountpoint], timeout=self.timeout)
 
-    def remount_read_only(self, mountpoint: str) -> None:
-        self.runner.run(["mount", "-o", "remount,ro", mountpoint], timeout=self.timeout)
+    def remount_read_only(self, mountpoint: str, this_mount_only: bool = False) -> None:
+        """The file system read-only, or (`this_mount_only`) just this one mount of it: a btrfs
+        subvolume's mount shares its superblock with every other mount of the file system."""
+        options = "remount,bind,ro" if this_mount_only else "remount,ro"
+        self.runner.run(["mount", "-o", options, mountpoint], timeout=self.timeout)
 
     def unmount(self, mountpoint: str) -> None:
         """Unmount, waiting out a file server that still holds a file of it for a moment."""

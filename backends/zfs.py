@@ -32,16 +32,16 @@ class is not written yet.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from fsrvpd.backends.base import SNAPSHOT, Backend, BackendError, FileStore, NotSupported, OwnedObject, ShadowCopyRef
-from fsrvpd.backends.host import Mount, StorageCommandError, is_below, read_mounts, remove_empty_directory, retry_while_busy
+from fsrvpd.backends.host import (Mount, StorageCommandError, failing_as, is_below, make_mount_root, read_mounts,
+                                  remove_empty_directory, retry_while_busy)
 from fsrvpd.runner import CommandFailed, CommandRunner
 
 log = logging.getLogger("fsrvpd.backends.zfs")
@@ -157,15 +157,6 @@ def common_ancestor(datasets: Iterable[str]) -> str:
     return "/".join(os.path.commonprefix([name.split("/") for name in datasets]))
 
 
-@contextlib.contextmanager
-def _failing_as(action: str) -> Iterator[None]:
-    """Report a zfs failure to the daemon as BackendError, keeping its out-of-space and missing flags."""
-    try:
-        yield
-    except ZfsError as exc:
-        raise BackendError(f"{action}: {exc}", out_of_space=exc.out_of_space, missing=exc.missing) from exc
-
-
 class ZfsBackend(Backend):
     """Shadow copies of ZFS filesystems (see the module docstring for names, tags and atomicity)."""
 
@@ -181,7 +172,7 @@ class ZfsBackend(Backend):
         path = os.path.realpath(path)
         mounts = read_mounts()
         on_top = next((m for m in reversed(mounts) if m.mountpoint == path), None)
-        with _failing_as(f"looking up the ZFS dataset of {path}"):
+        with failing_as(f"looking up the ZFS dataset of {path}"):
             # A dataset mounted at the path needs only its own tree read: zfs-fuse takes ~0.1 s per
             # 100 filesystems listed (every clone counts), and AddToShadowCopySet asks for every share.
             mounted = on_top.source if on_top is not None and on_top.fstype in ZFS_MOUNT_TYPES else None
@@ -284,7 +275,7 @@ class ZfsBackend(Backend):
 
     def expose(self, copy: ShadowCopyRef, writable: bool) -> str:
         snapshot, clone = snapshot_name(copy), clone_name(copy)
-        with _failing_as(f"exposing {snapshot}"):
+        with failing_as(f"exposing {snapshot}"):
             found = self.zfs.get([SET_TAG, COPY_TAG, "origin", "mountpoint", "mounted"], [snapshot, clone])
             if clone in found:
                 _require_ours(clone, found[clone], copy.set_id, copy.copy_id)
@@ -296,9 +287,7 @@ class ZfsBackend(Backend):
             if copy.source is None:
                 _require_ours(snapshot, found[snapshot], copy.set_id, copy.copy_id)
             mountpoint = os.path.join(self.mount_root, str(copy.copy_id))
-            if not os.path.isdir(self.mount_root):
-                os.makedirs(self.mount_root)
-                os.chmod(self.mount_root, 0o755)  # whatever the daemon's umask: smbd reaches clones as the user
+            make_mount_root(self.mount_root)
             try:
                 self.zfs.clone(snapshot, clone, {"readonly": "off" if writable else "on", "mountpoint": mountpoint,
                                                  SET_TAG: str(copy.set_id), COPY_TAG: str(copy.copy_id)})
@@ -308,19 +297,19 @@ class ZfsBackend(Backend):
             return mountpoint
 
     def make_read_only(self, copy: ShadowCopyRef) -> None:
-        with _failing_as(f"making {clone_name(copy)} read-only"):
+        with failing_as(f"making {clone_name(copy)} read-only"):
             self.zfs.set(clone_name(copy), "readonly", "on")
 
     def usage(self, copy: ShadowCopyRef) -> dict[str, int]:
         """`used` of the copy's snapshot and clone (zfs-fuse has no `written`); a restore's snapshot is not ours."""
         names = {"clone": clone_name(copy)} if copy.source else {"snapshot": snapshot_name(copy),
                                                                  "clone": clone_name(copy)}
-        with _failing_as(f"reading the space used by copy {copy.copy_id}"):
+        with failing_as(f"reading the space used by copy {copy.copy_id}"):
             found = self.zfs.get(["used"], names.values(), exact=True)
         return {kind: int(found[name]["used"]) for kind, name in names.items() if name in found}
 
     def pool_space(self, store: FileStore) -> dict[str, int]:
-        with _failing_as(f"reading the space of pool {store.group}"):
+        with failing_as(f"reading the space of pool {store.group}"):
             found = self.zfs.get(["used", "available"], [store.group], exact=True).get(store.group, {})
         return {key: int(value) for key, value in found.items()}
 
@@ -333,13 +322,13 @@ class ZfsBackend(Backend):
         self._remove(copy, [clone_name(copy)] if copy.source else [clone_name(copy), snapshot_name(copy)])
 
     def _remove(self, copy: ShadowCopyRef, names: list[str]) -> None:
-        with _failing_as(f"removing shadow copy {copy.copy_id}"):
+        with failing_as(f"removing shadow copy {copy.copy_id}"):
             self._destroy_if_ours(names, copy.set_id, copy.copy_id)
         remove_empty_directory(os.path.join(self.mount_root, str(copy.copy_id)))
 
     def owned(self) -> list[OwnedObject]:
         """Every tagged snapshot and clone, clones first (a snapshot cannot go before its clones)."""
-        with _failing_as("listing fsrvpd's snapshots and clones"):
+        with failing_as("listing fsrvpd's snapshots and clones"):
             tagged = self.zfs.get([SET_TAG, COPY_TAG], only_local=True)
         objects = []
         for name, tags in tagged.items():
@@ -354,7 +343,7 @@ class ZfsBackend(Backend):
         return sorted(objects, key=lambda obj: (obj.kind == SNAPSHOT, obj.name))
 
     def remove_owned(self, obj: OwnedObject) -> None:
-        with _failing_as(f"removing {obj.kind} {obj.name}"):
+        with failing_as(f"removing {obj.kind} {obj.name}"):
             self._destroy_if_ours([obj.name], obj.set_id, obj.copy_id)
 
     def _destroy_if_ours(self, names: list[str], set_id: uuid.UUID, copy_id: uuid.UUID | None) -> None:

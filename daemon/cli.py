@@ -39,6 +39,7 @@ async def serve(config: Config, log_destination: str = "stderr") -> None:
 
 def build(config: Config, log_destination: str = "stderr", clock: Callable[[], float] = time.time) -> Supervisor:
     """The daemon's parts wired together, not started (tests move `clock`)."""
+    from .backends.btrfs import BtrfsBackend
     from .backends.lvm import LvmBackend, SnapshotSize
     from .backends.zfs import ZfsBackend
     from .metrics import Metrics
@@ -60,7 +61,8 @@ def build(config: Config, log_destination: str = "stderr", clock: Callable[[], f
                      if share.path and os.path.realpath(share.path) == path), None)
 
     backends = {"zfs": ZfsBackend(runner, config.mount_root, config.command_timeout),
-                "lvm": LvmBackend(runner, config.mount_root, config.command_timeout, snapshot_size)}
+                "lvm": LvmBackend(runner, config.mount_root, config.command_timeout, snapshot_size),
+                "btrfs": BtrfsBackend(runner, config.mount_root, config.command_timeout)}
     store = StateStore(config.state_dir)
     service = FsrvpService(config, store, backends, front_door, clock=clock,
                            extra_host_names=host_names_and_addresses(), observer=metrics, share_lookup=share_lookup)

@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 
 DEFAULT_STATE_DIR = "/var/lib/fsrvpd"
 DEFAULT_ADMIN_SOCKET = "/run/fsrvpd/admin.sock"  # systemd's RuntimeDirectory=fsrvpd
-BACKENDS = ("zfs", "lvm")
-STORE_KEYS = {"zfs": "dataset", "lvm": "volume"}  # the share key that names its store explicitly
+BACKENDS = ("zfs", "lvm", "btrfs")
+# The share key that names its store explicitly (btrfs: the subvolume's path in its file system).
+STORE_KEYS = {"zfs": "dataset", "lvm": "volume", "btrfs": "subvolume"}
 LVM_VOLUME = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]*/[A-Za-z0-9+_.][A-Za-z0-9+_.-]*$")
 FRONT_DOORS = ("embedded", "samba")
 DEFAULT_SMB_CONF = "/etc/samba/smb.conf"

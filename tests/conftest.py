@@ -1,9 +1,9 @@
-"""Fixtures shared by the suite: real zfs-fuse pools, LVM in a VM and real fsrvpd daemons."""
+"""Fixtures shared by the suite: real zfs-fuse pools, loop-mounted btrfs, LVM in a VM and real fsrvpd daemons."""
 
 import pytest
 
 pytest_plugins = ["tests.support.zfs", "tests.support.daemon", "tests.support.samba", "tests.support.lvm",
-                  "tests.support.vm"]
+                  "tests.support.vm", "tests.support.btrfs"]
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

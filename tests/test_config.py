@@ -46,6 +46,7 @@ def test_example_parses():
     example = load(str(EXAMPLE))
     assert example.share("vms").path == "/tank/vms"
     assert example.share("vms").store == "tank/vms"
+    assert (example.share("home").backend, example.share("home").store) == ("btrfs", "/home")
     assert (example.sequence_timeout, example.sequence_timeout_long) == (180, 1800)
     assert list(example.users) == ["backup"]
 
@@ -149,7 +150,7 @@ MISTAKES = {
     "relative state_dir": ("state_dir: var/lib/fsrvpd\n", 1, "state_dir", "absolute path"),
     "relative mount_root": ("mount_root: mnt\n", 1, "mount_root", "absolute path"),
     # choices
-    "unknown backend": ("shares:\n  vms:\n    path: /a\n    backend: btrfs\n", 4, "shares.vms.backend",
+    "unknown backend": ("shares:\n  vms:\n    path: /a\n    backend: ceph\n", 4, "shares.vms.backend",
                         "not one of zfs"),
     "unknown front door": ("front_door:\n  mode: smbd\n", 2, "front_door.mode", "not one of embedded, samba"),
     "unknown log level": ("logging:\n  level: verbose\n", 2, "logging.level", "not one of"),
@@ -285,7 +286,7 @@ def test_cli_check_config_accepts_the_example(capsys):
     """The shipped example passes the check the admin is told to run."""
     assert cli.main(["check-config", "-c", str(EXAMPLE)]) == 0
     out, err = capsys.readouterr()
-    assert "OK (2 share(s), 1 user(s))" in out
+    assert "OK (3 share(s), 1 user(s))" in out
     assert err == ""
 
 

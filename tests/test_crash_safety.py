@@ -1,8 +1,9 @@
 """Nothing orphaned, ever: SIGKILL at every crash point, restart, check, finish; racing clients;
 reconciliation of what changed on storage behind fsrvpd's back.
 
-Every test runs a real fsrvpd process on a fresh zfs-fuse pool; what the daemon holds is compared
-with the pool, the mounts and the shares its SMB server lists (tests/support/consistency.py).
+Every test runs a real fsrvpd process on a fresh zfs-fuse pool (the kill cases that leave storage
+half done also on a fresh btrfs); what the daemon holds is compared with the pool, the mounts and
+the shares its SMB server lists (tests/support/consistency.py).
 The long version of the kill matrix is bench/kill_matrix.py.
 """
 
@@ -19,6 +20,7 @@ import pytest
 from fsrvpd.client import FsrvpError
 from fsrvpd.constants import ATTR_AUTO_RECOVERY, HResult
 from fsrvpd.crashpoints import ENVIRONMENT_VARIABLE
+from tests.support.btrfs import BtrfsDaemon
 from tests.support.consistency import problems
 from tests.support.crash import KILL_CASES, destroy_behind_its_back, full_cycle, run_kill_case, wait_until
 from tests.support.daemon import FsrvpDaemon, ours_on_storage
@@ -40,6 +42,23 @@ def fresh_daemon(zfs_pool, tmp_path, samba_clients):
 @pytest.mark.parametrize("case", KILL_CASES, ids=[case.name for case in KILL_CASES])
 def test_kill_matrix(fresh_daemon, case):
     run_kill_case(fresh_daemon, case)
+
+
+# The points where btrfs storage is half made, half changed or half removed (the others only touch the state).
+BTRFS_KILL_CASES = [case for case in KILL_CASES if case.name in {
+    "commit.snapshotted", "commit.persisted", "expose.cloned", "expose.cloned:2", "expose.recorded", "expose.persisted",
+    "recovery.intent", "recovery.read_only", "delete.intent:2", "abort-abort.intent", "startup-reconcile.repair"}]
+
+
+@pytest.mark.btrfs
+@pytest.mark.parametrize("case", BTRFS_KILL_CASES, ids=[case.name for case in BTRFS_KILL_CASES])
+def test_kill_matrix_on_btrfs(btrfs_fs, tmp_path, samba_clients, case):
+    daemon = BtrfsDaemon(btrfs_fs, tmp_path)
+    try:
+        run_kill_case(daemon, case)
+    finally:
+        daemon.stop()
+        print("\n".join(line for line in daemon.log().splitlines() if "fsrvpd.smb" not in line))
 
 
 def race_set_context(daemon, clients) -> list[object]:

@@ -72,19 +72,27 @@ def test_read_only_cycle_serves_the_bytes_of_the_commit_and_leaves_nothing(daemo
     assert "does not have an associated shadow-copy" in daemon.rpcclient("fss_has_shadow_copy vms")
 
 
-def test_auto_recovery_snapshot_is_writable_until_recovery_complete(daemon, tmp_path):
-    write(tmp_path / "local.txt", "written by a VSS writer during recovery\n")
+def assert_writable_until_recovery_complete(daemon, tmp_path) -> tuple[str, dict[str, str]]:
+    """An auto-recovery set of `vms`: its share takes a write (which a reconciliation keeps) that the
+    base share never sees, until fss_recovery_complete; then it refuses writes. The set id and copies."""
+    local = tmp_path / "local.txt"
+    local.write_text("written by a VSS writer during recovery\n")
     set_id, copies = create_expose(daemon, "rw", "vms")
     share = f"vms@{{{copies['vms']}}}"
 
-    daemon.smbclient(share, f"put {tmp_path / 'local.txt'} recovered.txt")
+    daemon.smbclient(share, f"put {local} recovered.txt")
+    assert daemon.ctl("prune").returncode == 0  # a reconciliation finds the writable exposure and keeps it
     assert "written by a VSS writer" in daemon.smbclient(share, "get recovered.txt -")
-    assert not os.path.exists(f"{daemon.paths['vms']}/recovered.txt")  # the clone, not the base share
+    assert not os.path.exists(os.path.join(daemon.paths["vms"], "recovered.txt"))  # the copy, not the share
 
     assert "marked recovery complete" in daemon.rpcclient(f"fss_recovery_complete {set_id}")
-    assert "NT_STATUS_ACCESS_DENIED" in daemon.smbclient(share, f"put {tmp_path / 'local.txt'} late.txt")
+    assert "NT_STATUS_ACCESS_DENIED" in daemon.smbclient(share, f"put {local} late.txt")
     assert "late.txt" not in daemon.smbclient(share, "ls")
+    return set_id, copies
 
+
+def test_auto_recovery_snapshot_is_writable_until_recovery_complete(daemon, tmp_path):
+    set_id, copies = assert_writable_until_recovery_complete(daemon, tmp_path)
     delete(daemon, set_id, copies)
     assert ours_after_cleanup(daemon.pool) == []
 

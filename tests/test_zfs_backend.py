@@ -126,31 +126,43 @@ def test_file_store_ignores_our_own_clones_below(zfs_pool):
 
 # -- snapshot, expose, make_read_only ---------------------------------------------------------
 
-def test_read_only_copy_shows_old_data_and_refuses_writes(zfs_pool, backend):
-    _, mountpoint = zfs_pool.dataset("vms")
-    write(os.path.join(mountpoint, "disk.vhdx"), "before")
-    [copy] = copies_of(backend, [mountpoint])
+def assert_read_only_copy_shows_old_data(backend, path: str) -> tuple[ShadowCopyRef, str]:
+    """A copy of the share at `path` taken while disk.vhdx said "before", exposed read-only (twice:
+    idempotent) under <mount_root>/<copy id>: it still says so and refuses writes."""
+    write(os.path.join(path, "disk.vhdx"), "before")
+    [copy] = copies_of(backend, [path])
     backend.snapshot([copy])
-    write(os.path.join(mountpoint, "disk.vhdx"), "after")
+    write(os.path.join(path, "disk.vhdx"), "after")
 
     exposed = backend.expose(copy, writable=False)
     assert exposed == os.path.join(backend.mount_root, str(copy.copy_id))
     assert read(os.path.join(exposed, "disk.vhdx")) == "before"
     assert_refuses_writes(exposed)
     assert backend.expose(copy, writable=False) == exposed
+    return copy, exposed
+
+
+def test_read_only_copy_shows_old_data_and_refuses_writes(zfs_pool, backend):
+    copy, _ = assert_read_only_copy_shows_old_data(backend, zfs_pool.dataset("vms")[1])
     expected_tags = {SET_TAG: str(copy.set_id), COPY_TAG: str(copy.copy_id)}
     assert local_tags(snapshot_name(copy)) == local_tags(clone_name(copy)) == expected_tags
 
 
-def test_set_of_three_datasets_is_one_snapshot_each_and_nothing_else(zfs_pool, backend):
-    paths = [zfs_pool.dataset(name)[1] for name in ("vms", "db", "home/alice")]
-    zfs_pool.dataset("scratch")  # in the pool, not in the set: gets no snapshot that stays
+def set_taken_between_writes(backend, paths: list[str]) -> list[ShadowCopyRef]:
+    """One set over the shares at `paths`, snapshotted while each one's file `data` said "old <path>"."""
     for path in paths:
         write(os.path.join(path, "data"), f"old {path}")
     copies = copies_of(backend, paths)
     backend.snapshot(copies)
     for path in paths:
         write(os.path.join(path, "data"), "new")
+    return copies
+
+
+def test_set_of_three_datasets_is_one_snapshot_each_and_nothing_else(zfs_pool, backend):
+    paths = [zfs_pool.dataset(name)[1] for name in ("vms", "db", "home/alice")]
+    zfs_pool.dataset("scratch")  # in the pool, not in the set: gets no snapshot that stays
+    copies = set_taken_between_writes(backend, paths)
 
     assert sorted(zfs("list", "-H", "-t", "snapshot", "-r", "-o", "name", zfs_pool.name).split()) == \
         sorted(snapshot_name(copy) for copy in copies)
@@ -189,17 +201,22 @@ def test_usage_reports_bytes_of_snapshot_and_clone(zfs_pool, backend):
 
 # -- removal and reconciliation ---------------------------------------------------------------
 
-def test_remove_leaves_nothing_of_ours_and_can_be_repeated(zfs_pool, backend):
-    paths = [zfs_pool.dataset(name)[1] for name in ("vms", "db")]
+def assert_removing_written_exposures_leaves_no_directory(backend, paths: list[str]) -> None:
+    """Snapshot the shares at `paths`, expose each writable, write to it and remove the copy (twice:
+    idempotent) right away, while the exposure may still be busy for a moment."""
     copies = copies_of(backend, paths)
     backend.snapshot(copies)
     exposed = [backend.expose(copy, writable=True) for copy in copies]
     for copy, path in zip(copies, exposed):
-        write(os.path.join(path, "touched"), "keeps the clone busy for a moment")
+        write(os.path.join(path, "touched"), "keeps the exposure busy for a moment")
         backend.remove(copy)
         backend.remove(copy)
-    assert ours(zfs_pool) == []
     assert not any(os.path.exists(path) for path in exposed)
+
+
+def test_remove_leaves_nothing_of_ours_and_can_be_repeated(zfs_pool, backend):
+    assert_removing_written_exposures_leaves_no_directory(backend, [zfs_pool.dataset(name)[1] for name in ("vms", "db")])
+    assert ours(zfs_pool) == []
 
 
 def test_remove_refuses_an_untagged_snapshot_with_our_name(zfs_pool, backend):

@@ -1,9 +1,10 @@
 """Does what fsrvpd has on storage, in mounts and in shares match exactly what its state owns?
 
 `problems(daemon)` reads the daemon's durable state and compares it, both ways, with the pool
-(`zfs list`, tags by name), the mounts below its mount root, the shares its SMB server lists,
-and whether every exposure the state calls read-only refuses a write.  The crash-safety tests
-assert it is empty; bench/kill_matrix.py and bench/soak.py count what it finds.
+(what its `ours()` lists: ZFS snapshots and clones, btrfs snapshots), the mounts below its mount
+root, the shares its SMB server lists, and whether every exposure the state calls read-only
+refuses a write.  The crash-safety tests assert it is empty; bench/kill_matrix.py and
+bench/soak.py count what it finds.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import uuid
 
 from fsrvpd.backends.base import ShadowCopyRef
-from fsrvpd.backends.zfs import clone_name, read_mounts, snapshot_name
+from fsrvpd.backends.host import read_mounts
 from tests.support.daemon import FsrvpDaemon, ours_on_storage
 
 HOLDS_SNAPSHOTS = ("Committed", "Exposed", "Recovered")
@@ -23,7 +24,7 @@ def problems(daemon: FsrvpDaemon) -> list[str]:
     """Every difference between the daemon's state and what exists; [] when they agree."""
     sets, retained = daemon.state()
     found: list[str] = []
-    objects: set[str] = set()  # snapshots and clones the state owns
+    objects: set[str] = set()  # what of the pool's `ours()` the state owns
     mounts: set[str] = set()
     shares: set[str] = set()
     read_only: list[str] = []  # mountpoints
@@ -32,21 +33,20 @@ def problems(daemon: FsrvpDaemon) -> list[str]:
             found.append(f"set {scs['set_id']} is still CreationInProgress")
         for copy in scs["copies"]:
             ref = ShadowCopyRef.of(uuid.UUID(scs["set_id"]), uuid.UUID(copy["copy_id"]), copy["store"])
+            half_exposed = copy["exposed_name"] and scs["status"] not in ("Exposed", "Recovered")
             if scs["status"] in HOLDS_SNAPSHOTS:
-                objects.add(snapshot_name(ref))
-            if copy["exposed_name"] and scs["status"] not in ("Exposed", "Recovered"):
+                objects |= daemon.pool.objects_of(ref, exposed=bool(copy["exposed_path"]) and not half_exposed)
+            if half_exposed:
                 found.append(f"set {scs['set_id']} is {scs['status']} with copy {copy['copy_id']} half exposed")
             elif copy["exposed_path"]:
-                objects.add(clone_name(ref))
                 mounts.add(copy["exposed_path"])
                 shares.add(copy["exposed_name"].casefold())
                 if copy["read_only"]:
                     read_only.append(copy["exposed_path"])
     for kept in retained:
         ref = ShadowCopyRef.of(uuid.UUID(kept["set_id"]), uuid.UUID(kept["copy_id"]), kept["store"])
-        objects.add(snapshot_name(ref))
+        objects |= daemon.pool.objects_of(ref, exposed=kept["keeps_exposure"])
         if kept["keeps_exposure"]:
-            objects.add(clone_name(ref))
             mounts.add(kept["exposed_path"])
             read_only.append(kept["exposed_path"])
     present = set(ours_on_storage(daemon.pool))
@@ -54,7 +54,7 @@ def problems(daemon: FsrvpDaemon) -> list[str]:
     found += [f"{name} is in the state, but not on storage" for name in sorted(objects - present)]
     mount_root = daemon.config["mount_root"].rstrip("/") + "/"
     mounted = {m.mountpoint for m in read_mounts() if m.mountpoint.startswith(mount_root)}
-    found += [f"{path} is mounted, but the state does not own it" for path in sorted(mounted - mounts)]
+    found += [f"{path} is mounted, but the state does not own it" for path in sorted(mounted - mounts - objects)]
     found += [f"{path} is in the state, but not mounted" for path in sorted(mounts - mounted)]
     published = {name.casefold() for name in daemon.published_shares() if "@{" in name}
     found += [f"share {name} is published, but the state does not own it" for name in sorted(published - shares)]

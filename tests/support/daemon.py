@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ from impacket.smbconnection import SMBConnection
 from fsrvpd.cli import nt_hash
 from fsrvpd.client import FsrvpClient
 from fsrvpd.constants import PIPE_NAME
+from tests.support.apt import ensure_tools
 from tests.support.zfs import FilePool
 
 USER = PASSWORD = "backup"
@@ -35,7 +36,8 @@ STOP_SECONDS = 30.0
 CLEANUP_SECONDS = 60.0
 PEER_PACKAGES = {"rpcclient": "samba-common-bin", "smbclient": "smbclient"}
 
-__all__ = ["FsrvpDaemon", "RawPipe", "daemon", "samba_clients", "free_port", "USER", "PASSWORD", "NETBIOS_NAME"]
+__all__ = ["FsrvpDaemon", "RawPipe", "daemon", "serving", "samba_clients", "free_port", "USER", "PASSWORD",
+           "NETBIOS_NAME"]
 
 
 def free_port() -> int:
@@ -46,11 +48,7 @@ def free_port() -> int:
 
 def ensure_samba_clients() -> None:
     """rpcclient and smbclient from Debian, installed once if missing (idempotent)."""
-    missing = [package for tool, package in PEER_PACKAGES.items() if shutil.which(tool) is None]
-    if missing:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=env)
+    ensure_tools(PEER_PACKAGES)
 
 
 class FsrvpDaemon:
@@ -217,14 +215,12 @@ class RawPipe:
         return answers
 
 
-def ours_on_storage(pool: FilePool) -> list[str]:
-    """Every dataset or snapshot of the pool that fsrvpd made (by name), as `zfs list -t all` shows."""
-    listing = subprocess.run(["zfs", "list", "-H", "-t", "all", "-o", "name", "-r", pool.name],
-                             capture_output=True, text=True, check=True).stdout.split()
-    return [name for name in listing if "fsrvpd-" in name]
+def ours_on_storage(pool) -> list[str]:
+    """Everything on the test's storage (a FilePool, FileBtrfs, ...) that fsrvpd made."""
+    return pool.ours()
 
 
-def ours_after_cleanup(pool: FilePool, seconds: float = CLEANUP_SECONDS) -> list[str]:
+def ours_after_cleanup(pool, seconds: float = CLEANUP_SECONDS) -> list[str]:
     """What of ours is still on storage once the daemon has had time to finish removing it.
 
     A clone smbd or a slow client still holds is busy for a moment; the daemon retries its removal
@@ -240,14 +236,17 @@ def samba_clients():
     ensure_samba_clients()
 
 
-@pytest.fixture
-def daemon(request, zfs_pool, tmp_path, samba_clients):
-    """A running fsrvpd on a fresh pool with shares vms and sql; stopped (cleanly) afterwards.
-
-    The daemon's log is printed when the test failed or the daemon did not exit cleanly."""
-    running = FsrvpDaemon(zfs_pool, tmp_path).start()
-    yield running
-    status = running.stop()
+def serving(request, daemon: FsrvpDaemon) -> Iterator[FsrvpDaemon]:
+    """A fixture's body: the daemon started for the test, stopped (cleanly) afterwards; its log is
+    printed when the test failed or the daemon did not exit cleanly."""
+    yield daemon.start()
+    status = daemon.stop()
     report = getattr(request.node, "report_call", None)
     if status not in (0, None) or (report is not None and report.failed):
-        print(f"--- fsrvpd log ({running.log_path}) ---\n{running.log()}")
+        print(f"--- fsrvpd log ({daemon.log_path}) ---\n{daemon.log()}")
+
+
+@pytest.fixture
+def daemon(request, zfs_pool, tmp_path, samba_clients):
+    """A running fsrvpd on a fresh pool with shares vms and sql."""
+    yield from serving(request, FsrvpDaemon(zfs_pool, tmp_path))

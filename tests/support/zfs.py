@@ -20,12 +20,14 @@ import uuid
 
 import pytest
 
+from fsrvpd.backends.base import ShadowCopyRef
 from fsrvpd.backends.host import read_mounts
+from fsrvpd.backends.zfs import clone_name, snapshot_name
+from tests.support.apt import ensure_tools
 
 __all__ = ["FilePool", "ensure_zfs", "fill", "hanging_zfs", "zfs", "zfs_daemon", "zfs_pool"]
 
 WAIT_SECONDS = 30.0  # for zfs-fuse to answer, a busy pool to go, the daemon to stop
-_apt_updated = False
 
 
 def zfs(*args: str) -> str:
@@ -44,22 +46,12 @@ def _zfs_answers() -> bool:
     return subprocess.run(["zfs", "list", "-H", "-o", "name"], capture_output=True).returncode == 0
 
 
-def _install_zfs_fuse() -> None:
-    global _apt_updated
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    if not _apt_updated:
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-        _apt_updated = True
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "zfs-fuse"], check=True, env=env)
-
-
 def ensure_zfs() -> subprocess.Popen | None:
     """Make `zfs` answer: install zfs-fuse if there is no zfs, start its daemon if none answers.
 
     Returns the daemon process when this call started it (so the caller can stop it), else None.
     """
-    if shutil.which("zfs") is None:
-        _install_zfs_fuse()
+    ensure_tools({"zfs": "zfs-fuse"})
     if _zfs_answers():
         return None
     log = tempfile.NamedTemporaryFile(prefix="zfs-fuse-", suffix=".log", delete=False)
@@ -141,6 +133,15 @@ class FilePool:
         name = f"{self.name}/{relative_name}"
         zfs("create", "-p", name)
         return name, os.path.join(self.mountpoint, relative_name)
+
+    def ours(self) -> list[str]:
+        """Every dataset or snapshot of the pool that fsrvpd made (by name), as `zfs list -t all` shows."""
+        return [name for name in zfs("list", "-H", "-t", "all", "-o", "name", "-r", self.name).split()
+                if "fsrvpd-" in name]
+
+    def objects_of(self, copy: ShadowCopyRef, exposed: bool) -> set[str]:
+        """What `ours` lists of one copy fsrvpd holds: its snapshot, and its clone while exposed."""
+        return {snapshot_name(copy), *([clone_name(copy)] if exposed else [])}
 
     def __exit__(self, *exc_info) -> None:
         """Destroy the pool (waiting out a busy clone), then its directory; never delete through a mount."""
