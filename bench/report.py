@@ -233,8 +233,7 @@ def markdown(results: dict) -> str:
     lines = [describe_run(results), "", markdown_table(summary_rows(results)), "", "Targets:", ""]
     lines += [f"- {'met' if check['met'] else '**not met**'}: {_target_line(check)}" for check in results["targets"]]
     lines += ["", "Versions: " + ", ".join(f"{name} {version}" for name, version in results["versions"].items()),
-              "", "RPC authentication: " + "; ".join(f"{server}: {level}"
-                                                   for server, level in results["rpc_auth"].items())]
+              "", f"RPC authentication: {results['rpc_auth']}; {results['limits']}."]
     if results["notes"]:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in results["notes"]]
     lines += ["", "Every operation (p50/p99 over the measured cycles; \"(error)\": Samba answers it with an error):",

@@ -4,11 +4,9 @@
 (rpcd_fsrvp), every one behind its own private smbd or embedded SMB server on 127.0.0.1. A server
 is a context manager taking (storage, backend, shares, directory) and yielding an `Endpoint`.
 
-RPC authentication, the same for both sides of every ratio where the servers allow it: the client
-binds with NTLM at packet privacy (sealed, what MS-FSRVP asks of clients) to fsrvpd's embedded
-front door (its default minimum, integrity, accepts it) and to Samba. fsrvpd behind smbd takes
-only unauthenticated binds for now (config.py: rpc.min_auth_level must be `none` in samba mode),
-so that mode is driven without RPC authentication over the same signed SMB3 session.
+RPC authentication is the same for every server: the client binds with NTLM at packet privacy
+(sealed, what MS-FSRVP asks of clients; FsrvpClient's default). fsrvpd requires at least
+integrity in both modes (the embedded default; behind smbd, where the default is `none`, set here).
 """
 
 from __future__ import annotations
@@ -20,8 +18,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-from impacket.dcerpc.v5 import rpcrt
 
 from bench.storage import BenchStorage
 from fsrvpd.config import BACKENDS as FSRVPD_BACKENDS
@@ -36,11 +32,10 @@ SERVER_NAME = "127.0.0.1"  # the host in every UNC: each server takes its own ad
 
 @dataclasses.dataclass
 class Endpoint:
-    """Where the client connects, how it binds, and fsrvpd's process (for RSS and profiles; None: Samba)."""
+    """Where the client connects, as whom, and fsrvpd's process (for RSS and profiles; None: Samba)."""
 
     port: int
     daemon_pid: Callable[[], int | None]
-    rpc_auth_level: int | None = rpcrt.RPC_C_AUTHN_LEVEL_PKT_PRIVACY
     user: str = USER
     password: str = PASSWORD
 
@@ -102,8 +97,9 @@ def fsrvpd_samba(storage: BenchStorage, backend: str, shares: dict[str, str], di
         (directory / "fsrvpd").mkdir()
         daemon = SambaFsrvpd(samba, storage.pool, directory / "fsrvpd", shares=())
         daemon.config["shares"] = _fsrvpd_shares(backend, shares, with_paths=False)
+        daemon.config["rpc"] = {"min_auth_level": "integrity"}
         with _started(daemon):
-            yield Endpoint(samba.port, lambda: _daemon_pid(daemon), rpc_auth_level=None)
+            yield Endpoint(samba.port, lambda: _daemon_pid(daemon))
 
 
 def _snapshot_options(storage: BenchStorage, backend: str) -> dict[str, str]:

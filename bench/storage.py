@@ -19,13 +19,10 @@ import contextlib
 import ctypes
 import fcntl
 import os
-import shutil
-import subprocess
-import tempfile
 import time
 import uuid
 
-from fsrvpd.backends.host import read_mounts
+from tests.support.btrfs import FileBtrfs, ensure_btrfs
 from tests.support.lvm import run
 from tests.support.zfs import FilePool, ensure_zfs, zfs
 
@@ -57,48 +54,6 @@ def destroy_when_not_busy(name: str) -> None:
         time.sleep(0.01)
 
 
-class FileBtrfs:
-    """A btrfs on a sparse image, loop-mounted below a temp dir; unmounted (loop device freed) on exit."""
-
-    def __init__(self, size_mib: int):
-        self.size_mib = size_mib
-
-    def __enter__(self) -> FileBtrfs:
-        if shutil.which("mkfs.btrfs") is None:
-            subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "btrfs-progs"], check=True,
-                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        self.directory = tempfile.mkdtemp(prefix="fsrvpd-bench-btrfs-")
-        os.chmod(self.directory, 0o755)  # smbd works as the logged-on user, who must reach the shares
-        self.mountpoint = os.path.join(self.directory, "mnt")
-        image = os.path.join(self.directory, "fs.img")
-        os.mkdir(self.mountpoint)
-        with open(image, "wb") as sparse:
-            sparse.truncate(self.size_mib * 1024 * 1024)
-        try:
-            run("mkfs.btrfs", "-q", "-f", image)
-            run("mount", "-o", "loop", image, self.mountpoint)  # the loop device goes with the last unmount
-        except BaseException:
-            shutil.rmtree(self.directory)
-            raise
-        self.device = next(m.source for m in reversed(read_mounts()) if m.mountpoint == self.mountpoint)
-        return self
-
-    def subvolume(self, relative_path: str) -> str:
-        path = os.path.join(self.mountpoint, relative_path)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        run("btrfs", "subvolume", "create", path)
-        return path
-
-    def __exit__(self, *exc_info) -> None:
-        """Unmount every mount of the file system (a backend's too), newest first, then delete the image."""
-        for mountpoint in [m.mountpoint for m in reversed(read_mounts()) if m.source == self.device]:
-            run("umount", mountpoint)
-        still_mounted = [m.mountpoint for m in read_mounts() if m.mountpoint.startswith(self.directory + "/")]
-        if still_mounted:
-            raise RuntimeError(f"not deleting {self.directory}: {', '.join(still_mounted)} still mounted")
-        shutil.rmtree(self.directory)
-
-
 def share_name(size: int, index: int) -> str:
     return f"s{size}-{index:02d}"
 
@@ -112,13 +67,15 @@ class BenchStorage:
 
     def __enter__(self) -> BenchStorage:
         ensure_zfs()  # a zfs-fuse started here stays: it is the machine's service
+        ensure_btrfs()
         self.pool = FilePool(self.zfs_size_mib).__enter__()
         try:
             self.btrfs = FileBtrfs(self.btrfs_size_mib).__enter__()
         except BaseException:
             self.pool.__exit__(None, None, None)
             raise
-        os.chmod(self.pool.directory, 0o755)
+        for directory in (self.pool.directory, self.btrfs.directory):
+            os.chmod(directory, 0o755)  # smbd works as the logged-on user, who must reach the shares
         self.paths: dict[str, dict[int, dict[str, str]]] = {backend: {} for backend in BACKENDS}
         for size in SET_SIZES:
             for index in range(1, size + 1):
