@@ -40,34 +40,27 @@ class Endpoint:
     password: str = PASSWORD
 
 
-def _daemon_pid(daemon: FsrvpDaemon) -> int | None:
-    return daemon.process.pid if daemon.process else None
-
-
-def _fsrvpd_shares(backend: str, shares: dict[str, str], with_paths: bool) -> dict[str, dict]:
-    return {name: {"backend": backend, **({"path": path} if with_paths else {})} for name, path in shares.items()}
-
-
 @contextlib.contextmanager
-def _started(daemon: FsrvpDaemon) -> Iterator[FsrvpDaemon]:
-    """The daemon running with the logging of production (debug would log every command) and no
-    per-client call rate limit (50 calls/s by default: one fast client, as here, goes over it with
-    GetShareMapping; Samba has none); stopped after, also when it did not come up."""
+def _serving(daemon: FsrvpDaemon, backend: str, shares: dict[str, str]) -> Iterator[Endpoint]:
+    """`daemon` running with `shares` on `backend`, the logging of production (debug would log every
+    command) and no per-client call rate limit (50 calls/s by default: one fast client, as here, goes
+    over it with GetShareMapping; Samba has none); stopped after, also when it did not come up."""
+    samba_mode = isinstance(daemon, SambaFsrvpd)  # the paths are smbd's
+    daemon.config["shares"] = {name: {"backend": backend, **({} if samba_mode else {"path": path})}
+                               for name, path in shares.items()}
     daemon.config["logging"]["level"] = "info"
     daemon.config["limits"] = {"max_calls_per_second": 100000}
     try:
-        yield daemon.start()
+        daemon.start()
+        yield Endpoint(daemon.port, lambda: daemon.process.pid if daemon.process else None)
     finally:
         daemon.stop()
 
 
-@contextlib.contextmanager
-def fsrvpd_embedded(storage: BenchStorage, backend: str, shares: dict[str, str], directory: Path) -> Iterator[Endpoint]:
+def fsrvpd_embedded(storage: BenchStorage, backend: str, shares: dict[str, str],
+                    directory: Path) -> contextlib.AbstractContextManager[Endpoint]:
     """fsrvpd is the SMB server itself: clients connect to the daemon's port."""
-    daemon = FsrvpDaemon(storage.pool, directory, shares=())
-    daemon.config["shares"] = _fsrvpd_shares(backend, shares, with_paths=True)
-    with _started(daemon):
-        yield Endpoint(daemon.port, lambda: _daemon_pid(daemon))
+    return _serving(FsrvpDaemon(storage.pool, directory, shares=()), backend, shares)
 
 
 def _samba(directory: Path, shares: dict[str, str], options: dict[str, str], helpers: tuple[str, ...]) -> SambaServer:
@@ -96,10 +89,9 @@ def fsrvpd_samba(storage: BenchStorage, backend: str, shares: dict[str, str], di
     with _running(_samba(directory / "samba", shares, {}, DCERPCD_HELPERS)) as samba:
         (directory / "fsrvpd").mkdir()
         daemon = SambaFsrvpd(samba, storage.pool, directory / "fsrvpd", shares=())
-        daemon.config["shares"] = _fsrvpd_shares(backend, shares, with_paths=False)
         daemon.config["rpc"] = {"min_auth_level": "integrity"}
-        with _started(daemon):
-            yield Endpoint(samba.port, lambda: _daemon_pid(daemon))
+        with _serving(daemon, backend, shares) as endpoint:
+            yield endpoint
 
 
 def _snapshot_options(storage: BenchStorage, backend: str) -> dict[str, str]:
