@@ -6,7 +6,7 @@ APT_PACKAGES := zfs-fuse samba samba-common-bin smbclient libsystemd-dev pkg-con
 DEMO_DIR ?= /var/tmp/fsrvpd-demo
 BACKEND ?= zfs
 
-.PHONY: deps demo demo-samba test dist deb check-config clean
+.PHONY: deps demo demo-samba test bench dist deb check-config clean
 
 # Idempotent: Debian packages for the real peers and storage, a venv with fsrvpd installed.
 deps: $(VENV)/.installed
@@ -36,6 +36,17 @@ demo-samba: deps
 # The whole suite; .ci/run calls exactly this.
 test: deps
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+# Not part of `make test`: fsrvpd against Samba's own FSRVP server on the same zfs-fuse pool and btrfs,
+# with the same client (under 15 minutes on 2 cores); prints one table, writes bench/results/latest.*.
+# BENCH_ARGS=--quick: a smoke run; BENCH_ARGS='--profile DIR': py-spy flame graphs of fsrvpd.
+bench: deps $(VENV)/.bench-installed
+	@$(MAKE) --no-print-directory deps APT_PACKAGES="btrfs-progs samba-vfs-modules"
+	$(PY) -m bench $(BENCH_ARGS)
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
+	touch $@
 
 # The sdist and wheel in dist/ (with the venv's setuptools, no download).
 dist: deps

@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.measure import rss_kib  # noqa: E402
 from fsrvpd.client import FsrvpError  # noqa: E402
 from fsrvpd.constants import ATTR_AUTO_RECOVERY, Context, HResult  # noqa: E402
 from tests.support.consistency import problems  # noqa: E402
@@ -97,11 +98,6 @@ def client_loop(daemon: FsrvpDaemon, port: int, number: int, deadline: float, re
                 continue
             done += 1
             tally.add("cycles")
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
 
 
 def main() -> int:

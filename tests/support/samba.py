@@ -15,6 +15,7 @@ SambaServer per test module (starting smbd costs about a second).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -61,8 +62,10 @@ def _run(*argv: str, input_text: str | None = None) -> str:
 class SambaServer:
     """smbd + samba-dcerpcd with a private configuration under `directory`."""
 
-    def __init__(self, directory: Path, on_demand_helpers: bool = False):
+    def __init__(self, directory: Path, on_demand_helpers: bool = False, helpers: tuple[str, ...] = DCERPCD_HELPERS):
+        """`helpers`: the rpcd_* samba-dcerpcd serves (with rpcd_fsrvp, Samba's own FSRVP server takes the pipe)."""
         self.directory = directory
+        self.helpers = helpers
         self.port = free_port()
         self.conf = str(directory / "smb.conf")
         self.ncalrpc_dir = str(directory / "ncalrpc")
@@ -102,7 +105,7 @@ class SambaServer:
     def start(self) -> SambaServer:
         logs = self.directory / "log"
         self._spawn("smbd", ["smbd", "-F", "--no-process-group", "-s", self.conf], logs / "smbd.out")
-        helpers = [os.path.join(LIBEXEC, helper) for helper in DCERPCD_HELPERS]
+        helpers = [os.path.join(LIBEXEC, helper) for helper in self.helpers]
         self._spawn("samba-dcerpcd", [os.path.join(LIBEXEC, "samba-dcerpcd"), "-F", "--no-process-group", "-s",
                                       self.conf, *helpers], logs / "dcerpcd.out")
         deadline = time.monotonic() + START_SECONDS
@@ -143,8 +146,10 @@ class SambaServer:
         try:
             process.wait(timeout=START_SECONDS)
         except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):  # helpers (rpcd_*, smbd children) that outlived it
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        process.wait()
 
     def stop(self) -> None:
         for name in list(self.processes):
