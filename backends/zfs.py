@@ -94,15 +94,19 @@ class ZfsCli:
         """The dataset and every filesystem and volume below it."""
         return self._run("list", "-H", "-r", "-o", "name", "-t", "filesystem,volume", dataset).splitlines()
 
-    def get(self, properties: Iterable[str], names: Iterable[str] = (), only_local: bool = False,
+    def get(self, properties: Iterable[str], names: Iterable[str] | None = None, only_local: bool = False,
             exact: bool = False) -> dict[str, dict[str, str]]:
         """Property values per object; objects that do not exist are left out, unset values too.
 
-        User properties (name:prop) count only where set on the object itself. Without names,
-        every filesystem, volume and snapshot is read. `exact` gives numbers in bytes.
+        User properties (name:prop) count only where set on the object itself. With names None,
+        every filesystem, volume and snapshot is read; with no names, none is (`zfs get` without
+        names would read them all). `exact` gives numbers in bytes.
         """
+        names = None if names is None else list(names)
+        if names == []:
+            return {}
         argv = ["zfs", "get", "-H", *(["-p"] if exact else []), "-o", "name,property,value,source",
-                *(["-s", "local"] if only_local else []), ",".join(properties), *names]
+                *(["-s", "local"] if only_local else []), ",".join(properties), *(names or [])]
         proc = self.runner.run(argv, timeout=self.timeout, check=False)
         complaints = proc.stderr.strip().splitlines()
         only_missing = bool(names) and bool(complaints) and all("does not exist" in line for line in complaints)

@@ -172,6 +172,15 @@ def test_set_of_three_datasets_is_one_snapshot_each_and_nothing_else(zfs_pool, b
         assert read(os.path.join(exposed, "data")) == f"old {copy.store.mountpoint}"
 
 
+def test_set_of_a_dataset_and_one_below_it_mounted_elsewhere_keeps_both_snapshots(zfs_pool, backend):
+    """zfs-fuse takes such a set by `zfs snapshot -r` of the upper one: nothing else to discard."""
+    upper, upper_path = zfs_pool.dataset("vms")
+    lower_path = os.path.join(zfs_pool.directory, "disks")
+    zfs("create", "-o", f"mountpoint={lower_path}", f"{upper}/disks")
+    copies = set_taken_between_writes(backend, [upper_path, lower_path])
+    assert sorted(ours(zfs_pool)) == sorted(snapshot_name(copy) for copy in copies)
+
+
 def assert_writable_until_made_read_only(backend, copy: ShadowCopyRef) -> None:
     """A writable exposure takes a write; made read-only (twice: idempotent) it keeps it and refuses more."""
     exposed = backend.expose(copy, writable=True)
