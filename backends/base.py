@@ -70,6 +70,8 @@ class OwnedObject:
 
     Kind "snapshot" is a copy's snapshot; every other kind ("clone", "mount", ...) is part of its
     exposure, which exists only while the copy is exposed (or retained with its exposure).
+    An object may name its FileStore instead of its copy (`copy_id` None, `store` set): a set
+    holds one copy per store, so reconciliation finds the copy by set and store.
     """
 
     kind: str  # SNAPSHOT, "clone", "mount", ...
@@ -77,6 +79,7 @@ class OwnedObject:
     set_id: uuid.UUID
     copy_id: uuid.UUID | None
     group: str | None = None  # the FileStore.group (pool, VG) it lives in; None: unknown
+    store: str | None = None  # the FileStore.name it is of; None: unknown
 
 
 class Backend(abc.ABC):

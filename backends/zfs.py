@@ -1,8 +1,12 @@
 """The ZFS backend: one snapshot per dataset, exposed as a clone.
 
 Objects and names (GUIDs lowercase, without braces)
-  snapshot  <dataset>@fsrvpd-<set guid>    user properties fsrvpd:set=<set guid>, fsrvpd:copy=<copy guid>
-  clone     <pool>/fsrvpd-<copy guid>       the same two tags; mounted at <mount_root>/<copy guid>
+  snapshot  <dataset>@fsrvpd-<set guid>    user property fsrvpd:set=<set guid>
+  clone     <pool>/fsrvpd-<copy guid>       fsrvpd:set and fsrvpd:copy=<copy guid>; mounted at <mount_root>/<copy guid>
+A set holds one copy per dataset, so a snapshot's set tag and dataset name its copy: `owned`
+reports the dataset as the snapshot's store and reconciliation finds the copy by it. A copy tag
+costs one `zfs set` per snapshot (one call sets one value), which would dwarf the atomic snapshot
+itself; snapshots made by earlier versions carry one, and it must then match.
 A tag counts only where it is set on the object itself (user properties are inherited, so a
 snapshot of one of our clones would otherwise look like ours). Nothing is destroyed unless it
 carries our tags for the copy at hand, and `zfs destroy` never gets -r or -R.
@@ -13,11 +17,11 @@ Atomicity of `snapshot`: copies are grouped per pool (and set); each group is on
   - zfs-fuse (pool v23) takes one argument. A group of one dataset is snapshotted directly; a
     group of several by `zfs snapshot -r` of their deepest common ancestor, which is atomic as
     well; the snapshots of the datasets below that ancestor that are not in the set are then
-    destroyed (they carry our set tag and no copy tag). For that moment they exist.
+    destroyed (after checking their set tag). For that moment they exist.
   Groups in different pools are separate calls, so a set spanning pools is consistent per pool
-  only; no ZFS tool offers more. One call can give every snapshot the same properties only, so
-  the copy tag is set on each snapshot right after. If anything fails, every snapshot of the call
-  that carries the set tag is destroyed before BackendError is raised.
+  only; no ZFS tool offers more. The set tag comes with the snapshot (`zfs snapshot -o`), so it is
+  never missing. If anything fails, every snapshot of the call that carries the set tag is
+  destroyed before BackendError is raised.
 
 Exposure is a clone: zfs-fuse has no .zfs/snapshot directory, and a clone also serves writable
 (auto-recovery) copies. A read-only exposure is a clone with readonly=on, so ZFS itself refuses
@@ -90,15 +94,19 @@ class ZfsCli:
         """The dataset and every filesystem and volume below it."""
         return self._run("list", "-H", "-r", "-o", "name", "-t", "filesystem,volume", dataset).splitlines()
 
-    def get(self, properties: Iterable[str], names: Iterable[str] = (), only_local: bool = False,
+    def get(self, properties: Iterable[str], names: Iterable[str] | None = None, only_local: bool = False,
             exact: bool = False) -> dict[str, dict[str, str]]:
         """Property values per object; objects that do not exist are left out, unset values too.
 
-        User properties (name:prop) count only where set on the object itself. Without names,
-        every filesystem, volume and snapshot is read. `exact` gives numbers in bytes.
+        User properties (name:prop) count only where set on the object itself. With names None,
+        every filesystem, volume and snapshot is read; with no names, none is (`zfs get` without
+        names would read them all). `exact` gives numbers in bytes.
         """
+        names = None if names is None else list(names)
+        if names == []:
+            return {}
         argv = ["zfs", "get", "-H", *(["-p"] if exact else []), "-o", "name,property,value,source",
-                *(["-s", "local"] if only_local else []), ",".join(properties), *names]
+                *(["-s", "local"] if only_local else []), ",".join(properties), *(names or [])]
         proc = self.runner.run(argv, timeout=self.timeout, check=False)
         complaints = proc.stderr.strip().splitlines()
         only_missing = bool(names) and bool(complaints) and all("does not exist" in line for line in complaints)
@@ -236,8 +244,6 @@ class ZfsBackend(Backend):
         try:
             for (_, set_id), members in groups.items():
                 self._snapshot_atomically(set_id, [copy.store.name for copy in members])
-                for copy in members:
-                    self.zfs.set(snapshot_name(copy), COPY_TAG, str(copy.copy_id))
         except ZfsError as exc:
             for (_, set_id), members in groups.items():
                 self._discard_snapshots(set_id, [copy.store.name for copy in members])
@@ -256,8 +262,8 @@ class ZfsBackend(Backend):
         ancestor = common_ancestor(datasets)
         self.zfs.snapshot([ancestor + suffix], {SET_TAG: str(set_id)}, recursive=True)
         extras = [dataset + suffix for dataset in self.zfs.tree(ancestor) if dataset not in datasets]
-        for name, tags in self.zfs.get([SET_TAG, COPY_TAG], extras).items():
-            if tags.get(SET_TAG) == str(set_id) and COPY_TAG not in tags:
+        for name, tags in self.zfs.get([SET_TAG], extras).items():
+            if tags.get(SET_TAG) == str(set_id):
                 self._destroy(name)
 
     def _discard_snapshots(self, set_id: uuid.UUID, datasets: list[str]) -> None:
@@ -327,7 +333,8 @@ class ZfsBackend(Backend):
         remove_empty_directory(os.path.join(self.mount_root, str(copy.copy_id)))
 
     def owned(self) -> list[OwnedObject]:
-        """Every tagged snapshot and clone, clones first (a snapshot cannot go before its clones)."""
+        """Every tagged snapshot (with its dataset as store) and clone, clones first (a snapshot
+        cannot go before its clones)."""
         with failing_as("listing fsrvpd's snapshots and clones"):
             tagged = self.zfs.get([SET_TAG, COPY_TAG], only_local=True)
         objects = []
@@ -338,8 +345,9 @@ class ZfsBackend(Backend):
             except (KeyError, ValueError):
                 log.warning("%s carries malformed fsrvpd tags %s; leaving it alone", name, tags)
                 continue
-            objects.append(OwnedObject(SNAPSHOT if "@" in name else "clone", name, set_id, copy_id,
-                                       group=name.split("/")[0].split("@")[0]))
+            dataset, at, _ = name.partition("@")
+            objects.append(OwnedObject(SNAPSHOT if at else "clone", name, set_id, copy_id,
+                                       group=dataset.split("/")[0], store=dataset if at else None))
         return sorted(objects, key=lambda obj: (obj.kind == SNAPSHOT, obj.name))
 
     def remove_owned(self, obj: OwnedObject) -> None:
@@ -366,7 +374,11 @@ class ZfsBackend(Backend):
 
 
 def _require_ours(name: str, props: dict[str, str], set_id: uuid.UUID, copy_id: uuid.UUID | None) -> None:
-    """Raise BackendError unless `name` carries our tags for this set and copy (and a clone is a clone)."""
+    """Raise BackendError unless `name` carries our tags for this set and copy (and a clone is a clone).
+
+    The set tag decides; a copy tag, where there is one (every clone, snapshots of earlier
+    versions), must match as well.
+    """
     tagged_copy = props.get(COPY_TAG)
     ours = (props.get(SET_TAG) == str(set_id)
             and (tagged_copy is None or tagged_copy == str(copy_id))

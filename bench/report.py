@@ -79,10 +79,6 @@ def targets(results: dict) -> list[dict[str, Any]]:
             commit, floor = _p50(_op(results, backend, ours, largest, COMMIT)), _floor(results, backend, largest, "commit")
             check = {"target": f"{backend}, {ours}: Commit of {largest} shares ÷ the raw floor",
                      "limit": TARGET_COMMIT_OVER_FLOOR, "value": _ratio(commit, floor)}
-            tagged = _floor(results, backend, largest, "commit_tagged")
-            if commit is not None and floor and tagged and tagged > TARGET_COMMIT_OVER_FLOOR * floor:
-                check["why"] = (f"the snapshots plus the copies' ownership tags (one `zfs set` each) alone take "
-                                f"{tagged:.0f} ms, {tagged / floor:.1f}× the floor; Commit ÷ that: {commit / tagged:.2f}×")
             checks.append(check)
             many = results["many_snapshots"].get(backend)
             if many:
@@ -133,12 +129,6 @@ def table_rows(results: dict) -> list[list[str]]:
                          *blank[1:2 * len(ours) + 2],
                          *[_times(_ratio(_p50(_op(results, backend, server, size, COMMIT)), commit_floor))
                            for server in ours]])
-            tagged = _floor(results, backend, size, "commit_tagged")
-            if tagged is not None and tagged != commit_floor:
-                rows.append([backend, str(size), "floor: the snapshots + a copy tag each (Commit ÷ floor →)",
-                             _ms(tagged), *blank[1:2 * len(ours) + 2],
-                             *[_times(_ratio(_p50(_op(results, backend, server, size, COMMIT)), tagged))
-                               for server in ours]])
             floor = cycle_floor(results, backend, size)
             if floor["total_ms"] is not None:
                 rows.append([backend, str(size), f"floor: full cycle ({calls_per_cycle(size)} calls at the cheapest "

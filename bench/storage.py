@@ -132,11 +132,9 @@ class BenchStorage:
 
         "commit": the set's snapshots (zfs: one atomic snapshot -- `zfs snapshot -r` of the set's
         parent, as zfs-fuse takes one name per call; btrfs: one `btrfs subvolume snapshot -r` per
-        share). "commit_tagged": those plus what fsrvpd's Commit adds, an ownership tag per copy
-        (zfs: one `zfs set` per snapshot, as one call sets one value; btrfs: none, the set
-        directory carries it). "cycle": the snapshots, then what a backup cycle needs besides:
-        exposing each (zfs: a read-only clone; btrfs: nothing, a snapshot is a directory) and
-        removing everything again (tags not counted: the fastest cycle any server could run).
+        share). "cycle": the snapshots, then what a backup cycle needs besides: exposing each
+        (zfs: a read-only clone; btrfs: nothing, a snapshot is a directory) and removing
+        everything again (tags not counted: the fastest cycle any server could run).
         """
         tag = f"floor-{uuid.uuid4().hex[:8]}"
         shares = self.shares(backend, size)
@@ -146,9 +144,6 @@ class BenchStorage:
             snapshot = f"{datasets[0] if size == 1 else f'{self.pool.name}/set{size}'}@{tag}"
             zfs("snapshot", *(["-r"] if size > 1 else []), snapshot)
             committed = time.perf_counter()
-            for dataset in datasets:  # what fsrvpd's Commit adds: each copy's ownership tag
-                zfs("set", f"fsrvpd:copy={uuid.uuid4()}", f"{dataset}@{tag}")
-            tagged = time.perf_counter()
             clones = []
             for dataset, name in zip(datasets, shares):
                 clones.append(f"{self.pool.name}/{tag}-{name}")
@@ -166,12 +161,10 @@ class BenchStorage:
             os.mkdir(target)
             for name, path in shares.items():
                 run("btrfs", "subvolume", "snapshot", "-r", path, os.path.join(target, name))
-            committed = tagged = time.perf_counter()  # fsrvpd tags a btrfs set once, on its directory
+            committed = time.perf_counter()
             run("btrfs", "subvolume", "delete", *(os.path.join(target, name) for name in shares))
             os.rmdir(target)
-        tagging = tagged - committed
-        return {"commit": committed - started, "commit_tagged": tagged - started,
-                "cycle": time.perf_counter() - started - tagging}
+        return {"commit": committed - started, "cycle": time.perf_counter() - started}
 
     def add_snapshots(self, backend: str, count: int) -> float:
         """Make `count` snapshots on the pool / file system, away from every share; returns the seconds.

@@ -9,10 +9,11 @@ unexpected error).  In this order:
    commit is undone (the set is Added again, as after a failed commit); a Committed set with
    share names recorded was being exposed -- the exposure is withdrawn (it stays Committed).
    The client never got an answer and can retry either.
-2. Storage, per backend, both ways (objects are matched by their set and copy tags).  Objects
-   count as this daemon's if their set is one it recorded -- a live set, a copy being removed
-   (store.py), a retained copy -- or if they lie in a pool of a configured share or of a set;
-   tagged objects elsewhere belong to another fsrvpd instance and are left alone.
+2. Storage, per backend, both ways (objects are matched by their set and copy tags, or by their
+   set tag and the store they are of: a set holds one copy per store).  Objects count as this
+   daemon's if their set is one it recorded -- a live set, a copy being removed (store.py), a
+   retained copy -- or if they lie in a pool of a configured share or of a set; tagged objects
+   elsewhere belong to another fsrvpd instance and are left alone.
    - an object nothing in the state wants -- no set holds that copy's snapshot, the copy is not
      exposed, retention does not keep it -- is an orphan and is removed;
    - a copy whose snapshot is gone (its dataset destroyed behind our back) is lost: it is
@@ -91,16 +92,27 @@ class Reconciliation:
             self.observer.repaired("interrupted_call")
             self._persist(scs)
 
+    def _recorded_copies(self) -> list[tuple[uuid.UUID, uuid.UUID, dict]]:
+        """(set, copy, store) of every copy this daemon recorded: in a set, retained, being removed."""
+        return ([(scs.set_id, copy.copy_id, copy.store) for scs in self.machine.sets.values() for copy in scs.copies]
+                + [(copy.set_id, copy.copy_id, copy.store) for copy in self.retained.values()]
+                + [(uuid.UUID(body["set_id"]), copy_id, body["store"]) for copy_id, body in self.removing.items()])
+
     async def _scope(self) -> tuple[set[uuid.UUID], set[tuple[str, str]]]:
         """The sets this daemon recorded, and the (backend, pool) pairs it works in."""
-        records = ([copy.store for scs in self.machine.sets.values() for copy in scs.copies]
-                   + [copy.store for copy in self.retained.values()]
-                   + [body["store"] for body in self.removing.values()])
+        records = self._recorded_copies()
         pools = {(store.backend, store.group) for _, store in await self._configured_stores()}
-        pools |= {(store["backend"], store["group"]) for store in records}
-        sets = (set(self.machine.sets) | {copy.set_id for copy in self.retained.values()}
-                | {uuid.UUID(body["set_id"]) for body in self.removing.values()})
+        pools |= {(store["backend"], store["group"]) for _, _, store in records}
+        sets = set(self.machine.sets) | {set_id for set_id, _, _ in records}
         return sets, pools
+
+    def _with_copies(self, backend: str, objects: list[OwnedObject]) -> list[OwnedObject]:
+        """`objects` with the copy filled in where an object names only its store (see OwnedObject):
+        the recorded copy of that set and store; none recorded, it stays None (an orphan)."""
+        copy_of = {(set_id, store["name"]): copy_id for set_id, copy_id, store in self._recorded_copies()
+                   if store["backend"] == backend}
+        return [dataclasses.replace(obj, copy_id=copy_of.get((obj.set_id, obj.store)))
+                if obj.copy_id is None and obj.store is not None else obj for obj in objects]
 
     async def _reconcile_storage(self, name: str, backend: Backend, owned: list[OwnedObject],
                                  scope: tuple[set[uuid.UUID], set[tuple[str, str]]], starting: bool) -> int:
@@ -110,6 +122,7 @@ class Reconciliation:
             foreign = next(obj for obj in owned if obj not in ours)
             log.info("left alone %d %s object(s) of other fsrvpd instances (tagged with sets this one never "
                      "recorded, outside its pools), e.g. %s", len(owned) - len(ours), name, foreign.name)
+        ours = self._with_copies(name, ours)
         snapshots = {(obj.set_id, obj.copy_id) for obj in ours if obj.kind == SNAPSHOT}
         exposures = {(obj.set_id, obj.copy_id) for obj in ours if obj.kind != SNAPSHOT}
         live = [(scs, copy) for scs in list(self.machine.sets.values()) if scs.status in HOLDS_SNAPSHOTS

@@ -165,8 +165,10 @@ def test_a_writable_exposure_destroyed_behind_our_back_loses_its_copy(reconcilin
 
 
 def test_stray_objects_of_our_sets_are_removed_and_other_instances_objects_kept(reconciling_daemon):
-    """A tagged object the state does not want goes; one tagged by another fsrvpd (a set this daemon
-    never recorded, in a pool none of its shares uses) or not tagged at all stays."""
+    """A tagged object the state does not want goes -- also a snapshot of one of our sets of a dataset
+    not in it; one tagged by another fsrvpd (a set this daemon never recorded, in a pool none of its
+    shares uses) or not tagged at all stays. A snapshot an earlier fsrvpd tagged with its copy still
+    counts as that copy's."""
     daemon = reconciling_daemon
     pool = daemon.pool.name
     look_alike = f"{pool}/sql@fsrvpd-{uuid.uuid4()}"  # our naming, but no tags
@@ -181,12 +183,16 @@ def test_stray_objects_of_our_sets_are_removed_and_other_instances_objects_kept(
             set_id = client.start_shadow_copy_set()
             copy_id = client.add_to_shadow_copy_set(set_id, "vms")
             client.commit(set_id)  # Committed: the state wants the snapshot, no clone
+            snapshot = f"{pool}/vms@fsrvpd-{set_id}"
+            zfs("set", f"fsrvpd:copy={copy_id}", snapshot)  # as an earlier fsrvpd tagged it
+            stray_snapshot = f"{pool}/sql@fsrvpd-{set_id}"
+            zfs("snapshot", "-o", f"fsrvpd:set={set_id}", stray_snapshot)
             stray = f"{pool}/fsrvpd-{copy_id}"
             zfs("clone", "-o", f"fsrvpd:set={set_id}", "-o", f"fsrvpd:copy={copy_id}", "-o", "mountpoint=none",
-                f"{pool}/vms@fsrvpd-{set_id}", stray)
-            assert wait_until(lambda: stray not in ours_on_storage(daemon.pool))
+                snapshot, stray)
+            assert wait_until(lambda: set(ours_on_storage(daemon.pool)) == {look_alike, snapshot})
             assert f"removing orphaned clone {stray}" in daemon.log()
-            assert set(ours_on_storage(daemon.pool)) == {look_alike, f"{pool}/vms@fsrvpd-{set_id}"}
+            assert f"removing orphaned snapshot {stray_snapshot}" in daemon.log()
             client.abort(set_id)
             full_cycle(client)
         assert ours_on_storage(other_pool) == [foreign]

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from fsrvpd.backends.base import BackendError, NotSupported, ShadowCopyRef
+from fsrvpd.backends.base import SNAPSHOT, BackendError, NotSupported, OwnedObject, ShadowCopyRef
 from fsrvpd.backends.zfs import COPY_TAG, SET_TAG, ZfsBackend, clone_name, snapshot_name
 from fsrvpd.runner import CommandRunner
 from tests.support.zfs import FilePool, fill, zfs
@@ -144,8 +144,8 @@ def assert_read_only_copy_shows_old_data(backend, path: str) -> tuple[ShadowCopy
 
 def test_read_only_copy_shows_old_data_and_refuses_writes(zfs_pool, backend):
     copy, _ = assert_read_only_copy_shows_old_data(backend, zfs_pool.dataset("vms")[1])
-    expected_tags = {SET_TAG: str(copy.set_id), COPY_TAG: str(copy.copy_id)}
-    assert local_tags(snapshot_name(copy)) == local_tags(clone_name(copy)) == expected_tags
+    assert local_tags(snapshot_name(copy)) == {SET_TAG: str(copy.set_id)}
+    assert local_tags(clone_name(copy)) == {SET_TAG: str(copy.set_id), COPY_TAG: str(copy.copy_id)}
 
 
 def set_taken_between_writes(backend, paths: list[str]) -> list[ShadowCopyRef]:
@@ -167,9 +167,18 @@ def test_set_of_three_datasets_is_one_snapshot_each_and_nothing_else(zfs_pool, b
     assert sorted(zfs("list", "-H", "-t", "snapshot", "-r", "-o", "name", zfs_pool.name).split()) == \
         sorted(snapshot_name(copy) for copy in copies)
     for copy in copies:
-        assert local_tags(snapshot_name(copy)) == {SET_TAG: str(copy.set_id), COPY_TAG: str(copy.copy_id)}
+        assert local_tags(snapshot_name(copy)) == {SET_TAG: str(copy.set_id)}  # the set and dataset name the copy
         exposed = backend.expose(copy, writable=False)
         assert read(os.path.join(exposed, "data")) == f"old {copy.store.mountpoint}"
+
+
+def test_set_of_a_dataset_and_one_below_it_mounted_elsewhere_keeps_both_snapshots(zfs_pool, backend):
+    """zfs-fuse takes such a set by `zfs snapshot -r` of the upper one: nothing else to discard."""
+    upper, upper_path = zfs_pool.dataset("vms")
+    lower_path = os.path.join(zfs_pool.directory, "disks")
+    zfs("create", "-o", f"mountpoint={lower_path}", f"{upper}/disks")
+    copies = set_taken_between_writes(backend, [upper_path, lower_path])
+    assert sorted(ours(zfs_pool)) == sorted(snapshot_name(copy) for copy in copies)
 
 
 def assert_writable_until_made_read_only(backend, copy: ShadowCopyRef) -> None:
@@ -219,13 +228,33 @@ def test_remove_leaves_nothing_of_ours_and_can_be_repeated(zfs_pool, backend):
     assert ours(zfs_pool) == []
 
 
-def test_remove_refuses_an_untagged_snapshot_with_our_name(zfs_pool, backend):
+def tag_options(tags: dict[str, str]) -> list[str]:
+    return [arg for prop, value in tags.items() for arg in ("-o", f"{prop}={value}")]
+
+
+@pytest.mark.parametrize("tagged", ["untagged", "another set", "another copy (an earlier version's tag)"])
+def test_a_snapshot_with_our_name_but_not_our_tags_is_left_alone(zfs_pool, backend, tagged):
     _, mountpoint = zfs_pool.dataset("vms")
     [copy] = copies_of(backend, [mountpoint])
-    zfs("snapshot", snapshot_name(copy))
-    with pytest.raises(BackendError, match=snapshot_name(copy)):
-        backend.remove(copy)
+    tags = {"untagged": {}, "another set": {SET_TAG: str(uuid.uuid4())},
+            "another copy (an earlier version's tag)": {SET_TAG: str(copy.set_id), COPY_TAG: str(uuid.uuid4())}}
+    zfs("snapshot", *tag_options(tags[tagged]), snapshot_name(copy))
+    unowned = OwnedObject(SNAPSHOT, snapshot_name(copy), copy.set_id, None, zfs_pool.name, copy.store.name)
+    for attempt in (backend.remove, lambda copy: backend.expose(copy, writable=False),
+                    lambda _: backend.remove_owned(unowned)):
+        with pytest.raises(BackendError, match=snapshot_name(copy)):
+            attempt(copy)
     assert ours(zfs_pool) == [snapshot_name(copy)]
+
+
+def test_a_snapshot_an_earlier_version_tagged_with_its_copy_is_still_served_and_removed(zfs_pool, backend):
+    [copy] = copies_of(backend, [zfs_pool.dataset("vms")[1]])
+    zfs("snapshot", *tag_options({SET_TAG: str(copy.set_id), COPY_TAG: str(copy.copy_id)}), snapshot_name(copy))
+    assert [(obj.copy_id, obj.store) for obj in backend.owned() if obj.name == snapshot_name(copy)] == \
+        [(copy.copy_id, copy.store.name)]
+    backend.expose(copy, writable=False)
+    backend.remove(copy)
+    assert ours(zfs_pool) == []
 
 
 def test_owned_finds_everything_and_remove_owned_cleans_it(zfs_pool, backend):
@@ -235,10 +264,10 @@ def test_owned_finds_everything_and_remove_owned_cleans_it(zfs_pool, backend):
     backend.expose(copies[0], writable=False)
 
     found = [obj for obj in backend.owned() if obj.name.startswith(zfs_pool.name + "/")]
-    expected = [("clone", clone_name(copies[0]))] + sorted(("snapshot", snapshot_name(copy)) for copy in copies)
-    assert [(obj.kind, obj.name) for obj in found] == expected
-    assert all(obj.set_id == copies[0].set_id for obj in found)
-    assert {obj.copy_id for obj in found} == {copy.copy_id for copy in copies}
+    expected = [("clone", clone_name(copies[0]), copies[0].copy_id, None)] + sorted(
+        ("snapshot", snapshot_name(copy), None, copy.store.name) for copy in copies)
+    assert [(obj.kind, obj.name, obj.copy_id, obj.store) for obj in found] == expected
+    assert all(obj.set_id == copies[0].set_id and obj.group == zfs_pool.name for obj in found)
     for obj in found:
         backend.remove_owned(obj)
     assert ours(zfs_pool) == []
