@@ -4,6 +4,8 @@ Phases, on one file-backed zfs-fuse pool and one loop-mounted btrfs (bench/stora
   1. backup cycles of 1, 8 and 64 shares against every server on each backend (bench/servers.py:
      fsrvpd in each front-door mode -- on btrfs once fsrvpd has that backend -- and Samba's
      rpcd_fsrvp), one client connection per server, one warm-up cycle, then N measured cycles;
+     after each cycle the bench waits until the cycle's snapshots and clones are gone (both
+     servers destroy them after answering DeleteShareMapping) and reports that wait too;
      the servers run one after another (two fsrvpd instances on one pool would each take the
      other's snapshots for its own orphans); the raw floor of each set (the snapshots alone, and
      every storage command of a cycle, straight through the storage's command line) takes a turn
@@ -35,7 +37,7 @@ from importlib import metadata
 from pathlib import Path
 
 from bench import report
-from bench.measure import TimedClient, cycle_with_retries, rss_kib, summary
+from bench.measure import SETTLED, TimedClient, cycle_with_retries, rss_kib, summary
 from bench.servers import FSRVPD_FRONT_DOORS, REFERENCE, SERVER_NAME, SERVERS, Endpoint, serves
 from bench.storage import BACKENDS, SET_SIZES, BenchStorage
 from fsrvpd import __version__
@@ -101,6 +103,7 @@ def cycles_phase(storage: BenchStorage, workdir: Path, backend: str, sizes: tupl
                 failures: list[str] = []
                 for turn in range(1 + repetitions[size]):  # the first turn warms up
                     failures += cycle_with_retries(client, shares)
+                    client.samples[SETTLED].append(storage.settle(backend, size))
                     if turn == 0:
                         client.samples.clear()
                     elif server == servers[0]:

@@ -22,6 +22,7 @@ OPERATIONS = ("GetSupportedVersion", "IsPathSupported", "IsPathShadowCopied", "S
               "AddToShadowCopySet", "PrepareShadowCopySet", "CommitShadowCopySet", "ExposeShadowCopySet",
               "GetShareMapping", "RecoveryCompleteShadowCopySet", "DeleteShareMapping")
 CYCLE = "full cycle"
+SETTLED = "storage removed, after the last answer"  # bench storage.settle
 
 
 class TimedClient(FsrvpClient):

@@ -114,6 +114,25 @@ class BenchStorage:
                 run("btrfs", "subvolume", "delete", name)
         return found
 
+    def settle(self, backend: str, size: int, limit_seconds: float = 60) -> float:
+        """Seconds until the snapshots and clones of the cycle just measured on the set of `size`
+        shares are gone: the removal a server leaves for after its answers (fsrvpd's queue,
+        Samba's detached `zfs destroy`). Waited for between cycles, so that no cycle pays for
+        the one before it, and reported beside the cycle time."""
+        started = time.perf_counter()
+        while self._left_of_set(backend, size) and time.perf_counter() - started < limit_seconds:
+            time.sleep(0.02)
+        return time.perf_counter() - started
+
+    def _left_of_set(self, backend: str, size: int) -> list[str]:
+        if backend != "zfs":
+            return self._left(backend)
+        clones, _ = self.samba_clone_place()
+        listed = zfs("list", "-H", "-t", "all", "-o", "name", "-r", f"{self.pool.name}/set{size}", clones).split()
+        listed += zfs("list", "-H", "-t", "filesystem", "-o", "name", "-d", "1", self.pool.name).split()
+        return [name for name in listed
+                if "@" in name or name.startswith((clones + "/", f"{self.pool.name}/fsrvpd-"))]
+
     def _left(self, backend: str) -> list[str]:
         if backend == "zfs":
             clones, _ = self.samba_clone_place()
@@ -132,9 +151,10 @@ class BenchStorage:
 
         "commit": the set's snapshots (zfs: one atomic snapshot -- `zfs snapshot -r` of the set's
         parent, as zfs-fuse takes one name per call; btrfs: one `btrfs subvolume snapshot -r` per
-        share). "cycle": the snapshots, then what a backup cycle needs besides: exposing each
-        (zfs: a read-only clone; btrfs: nothing, a snapshot is a directory) and removing
-        everything again (tags not counted: the fastest cycle any server could run).
+        share). "exposed": the snapshots, then exposing each (zfs: a read-only clone; btrfs:
+        nothing, a snapshot is a directory): what must exist before Commit and Expose answer.
+        "cycle": that, then removing everything again (tags not counted: the fastest cycle any
+        server could run).
         """
         tag = f"floor-{uuid.uuid4().hex[:8]}"
         shares = self.shares(backend, size)
@@ -149,6 +169,7 @@ class BenchStorage:
                 clones.append(f"{self.pool.name}/{tag}-{name}")
                 zfs("clone", "-o", "readonly=on", "-o", f"mountpoint={self.pool.mountpoint}/{tag}/{name}",
                     f"{dataset}@{tag}", clones[-1])
+            exposed = time.perf_counter()
             for clone in clones:
                 destroy_when_not_busy(clone)
             zfs("destroy", *(["-r"] if size > 1 else []), snapshot)
@@ -161,10 +182,10 @@ class BenchStorage:
             os.mkdir(target)
             for name, path in shares.items():
                 run("btrfs", "subvolume", "snapshot", "-r", path, os.path.join(target, name))
-            committed = time.perf_counter()
+            committed = exposed = time.perf_counter()
             run("btrfs", "subvolume", "delete", *(os.path.join(target, name) for name in shares))
             os.rmdir(target)
-        return {"commit": committed - started, "cycle": time.perf_counter() - started}
+        return {"commit": committed - started, "exposed": exposed - started, "cycle": time.perf_counter() - started}
 
     def add_snapshots(self, backend: str, count: int) -> float:
         """Make `count` snapshots on the pool / file system, away from every share; returns the seconds.

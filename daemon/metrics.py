@@ -194,6 +194,8 @@ class _HeldCollector:
         for name in names:
             retained.add_metric([name], sum(copy.share == name for copy in list(self.service.retained.values())))
         yield retained
+        yield GaugeMetricFamily("fsrvpd_copies_being_removed", "Deleted copies whose storage is not removed yet "
+                                "(removal runs after DeleteShareMapping is answered)", value=len(self.service.removing))
         yield GaugeMetricFamily("fsrvpd_shares", "Base shares configured", value=len(names))
         yield from held.values()
         yield pinned

@@ -59,6 +59,7 @@ class Reconciliation:
 
     async def _reconcile(self, starting: bool = False) -> int:
         """`reconcile` for a caller that already holds the lock."""
+        await self._finish_queued_work()  # what is queued is not orphaned, only not done yet
         self._undo_interrupted()
         self.removal_pending = False
         scope = await self._scope()

@@ -17,8 +17,10 @@ pruning -- it reports to the `observer` (metrics.py counts it).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -96,6 +98,9 @@ class FsrvpService(Reconciliation):
         self.lock = asyncio.Lock()
         self.removal_pending = False  # some storage could not be removed yet: reconcile soon
         self._jobs: set[asyncio.Task] = set()  # Commit/Expose storage work (a late one runs on, holding the lock)
+        self._after_answer: collections.deque[Callable[[], Awaitable[None]]] = collections.deque()
+        self._after_answer_queued = asyncio.Event()
+        self._after_answer_worker: asyncio.Task | None = None
         self.handlers = {
             m.GetSupportedVersionRequest: self.get_supported_version,
             m.SetContextRequest: self.set_context,
@@ -130,6 +135,17 @@ class FsrvpService(Reconciliation):
                  len(self.retained), "y" if len(self.retained) == 1 else "ies")
         await self.tick()
         await self.reconcile(starting=True)
+        self._after_answer_worker = asyncio.create_task(self._work_after_answers())
+
+    async def stop(self) -> None:
+        """Stop the work queued after answers; what is left of it reconciliation finishes at the
+        next start (it is recorded in the store, or tagged on storage)."""
+        if self._after_answer_worker is not None:
+            self._after_answer_worker.cancel()
+            await asyncio.gather(self._after_answer_worker, return_exceptions=True)
+        if self._after_answer:
+            log.info("stopping with %d storage clean-up(s) queued; they are done at the next start",
+                     len(self._after_answer))
 
     async def run_timers(self) -> None:
         """Fire the Message Sequence Timer and the exposure TTL when due; reconcile now and then, and
@@ -393,6 +409,7 @@ class FsrvpService(Reconciliation):
         try:
             for backend_name, refs in refs_by_backend.items():
                 await asyncio.to_thread(self.backends[backend_name].snapshot, refs)
+                self._do_after_answer(functools.partial(self._finish_snapshot, self.backends[backend_name], refs))
         except BackendError as exc:
             log.error("commit of set %s failed: %s", scs.set_id, exc)
             await self._remove_storage(scs, scs.copies)
@@ -518,7 +535,7 @@ class FsrvpService(Reconciliation):
                 await self._unpublish(copy.exposed_name)
             crash_point("delete.unpublished")
             if kept is None:
-                await self._remove_storage(scs, [copy])
+                self._do_after_answer(functools.partial(self._remove_storage, scs, [copy]))
             else:
                 self.retained[kept.copy_id] = kept
                 if not kept.keeps_exposure:
@@ -627,6 +644,41 @@ class FsrvpService(Reconciliation):
     def _retention_policy(self, share: str) -> RetentionPolicy | None:
         config = self.config.share(share)
         return config.retention if config else None
+
+    # -- storage work the caller need not wait for ----------------------------------------------
+    def _do_after_answer(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Queue storage work for after the call is answered: removing a deleted copy, tidying up
+        after a Commit.  A backup application waits for each DeleteShareMapping, and the writers of
+        a Commit stay frozen until it is answered; neither needs to wait for `zfs destroy`."""
+        self._after_answer.append(work)
+        self._after_answer_queued.set()
+
+    async def _work_after_answers(self) -> None:
+        """One queued piece at a time, each under the lock: a call waits for one piece at most."""
+        while True:
+            await self._after_answer_queued.wait()
+            self._after_answer_queued.clear()
+            while self._after_answer:
+                async with self.lock:
+                    if self._after_answer:
+                        await self._run_queued()
+
+    async def _finish_queued_work(self) -> None:
+        """Everything queued after answers, now (the caller holds the lock)."""
+        while self._after_answer:
+            await self._run_queued()
+
+    async def _run_queued(self) -> None:
+        crash_point("answered.cleanup")
+        await self._after_answer.popleft()()
+
+    async def _finish_snapshot(self, backend: Backend, refs: list[ShadowCopyRef]) -> None:
+        try:
+            await asyncio.to_thread(backend.finish_snapshot, refs)
+        except BackendError as exc:
+            log.error("tidying up after the snapshots of set %s failed (reconciliation retries): %s",
+                      refs[0].set_id, exc)
+            self.removal_pending = True
 
     # -- effects ------------------------------------------------------------------------------
     async def _publish(self, copy: ShadowCopy, read_only: bool | None = None) -> None:

@@ -107,6 +107,7 @@ class Supervisor:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await admin.stop()
+        await self.service.stop()
         async with self.service.lock:  # a call in flight finishes its storage work and answers first
             await self.front_door.stop()
         self.metrics.stop()

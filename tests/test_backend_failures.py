@@ -169,3 +169,24 @@ def test_hanging_clone_is_ended_by_the_per_command_timeout(hang_control):
         finish(client, set_id, {"vms": copy_id})
         full_cycle_one(client)
     assert problems(daemon) == [] and ours_on_storage(daemon.pool) == []
+
+
+def test_delete_share_mapping_answers_before_the_storage_is_removed(hang_control):
+    """The backup application does not wait for `zfs destroy`: DeleteShareMapping withdraws the share,
+    records the removal and answers; the removal runs after it. A destroy that hangs until the
+    per-command timeout fails, and reconciliation removes the copy once zfs answers again."""
+    daemon, control = hang_control
+    with daemon.client() as client:
+        mapping, = client.backup_cycle(["vms"])
+        share = f"vms@{{{mapping.copy_id}}}"
+        marker = hang(control, "destroy", "before")
+        client.recovery_complete(mapping.set_id)
+        client.delete_share_mapping(mapping.set_id, mapping.copy_id, "vms")
+        assert [copy["copy_id"] for copy in daemon.being_removed()] == [str(mapping.copy_id)]
+        assert statuses(daemon) == [] and "NT_STATUS_BAD_NETWORK_NAME" in daemon.smbclient(share, "ls")
+        assert wait_until(lambda: "could not remove storage of copy" in daemon.log())  # the 3 s timeout
+        assert len(ours_on_storage(daemon.pool)) == 2  # the clone and the snapshot, tagged
+        os.remove(marker)
+        assert daemon.removals_done() and ours_on_storage(daemon.pool) == []
+        full_cycle_one(client)
+    assert problems(daemon) == [] and ours_on_storage(daemon.pool) == []

@@ -29,7 +29,7 @@ def authenticated_cycle(daemon: FsrvpDaemon, binding: str) -> None:
     set_id, copy_id = exposed.groups()
     assert "shadow-copy deleted" in daemon.rpcclient(f"fss_delete vms {set_id} {copy_id}", binding=binding,
                                                      options=NO_KERBEROS)
-    assert ours_on_storage(daemon.pool) == []
+    assert daemon.removals_done() and ours_on_storage(daemon.pool) == []
 
 
 @pytest.mark.parametrize("binding, principal", [
@@ -57,7 +57,7 @@ def test_our_client_runs_a_cycle_at_each_level(daemon, level):
     with daemon.client(rpc_auth_level=level) as client:
         mapping, = client.backup_cycle(["vms"])
         client.delete_share_mapping(mapping.set_id, mapping.copy_id, "vms")
-    assert ours_on_storage(daemon.pool) == []
+    assert daemon.removals_done() and ours_on_storage(daemon.pool) == []
 
 
 def test_our_client_without_rpc_authentication_is_denied(daemon):

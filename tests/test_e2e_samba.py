@@ -48,7 +48,7 @@ def snapshot_shares(samba) -> list[str]:
 
 
 def assert_nothing_left(fsrvpd) -> None:
-    assert ours_on_storage(fsrvpd.pool) == []
+    assert fsrvpd.removals_done() and ours_on_storage(fsrvpd.pool) == []
     assert snapshot_shares(fsrvpd.samba) == []
 
 

@@ -268,7 +268,7 @@ def lvm_daemon(lvm_lab, tmp_path_factory, samba_clients):
 
 
 def assert_daemon_left_nothing(daemon: LvmDaemon) -> None:
-    assert daemon.pool.ours() == []
+    assert daemon.removals_done() and daemon.pool.ours() == []
     assert daemon.pool.mounts_below(daemon.config["mount_root"]) == []
 
 

@@ -50,11 +50,11 @@ def test_retention_keeps_the_newest_backups_snapshots_and_prunes_older_ones(zfs_
                     handle.write(f"backup {number}\n")
                 set_id, copy_id = backup(client, "vms")
                 kept = (kept + [snapshot_of(daemon, "vms", set_id)])[-2:]
-                assert sorted(ours_on_storage(zfs_pool)) == sorted(kept), daemon.log()
+                assert daemon.removals_done() and sorted(ours_on_storage(zfs_pool)) == sorted(kept), daemon.log()
                 assert problems(daemon) == []
                 assert "NT_STATUS_BAD_NETWORK_NAME" in daemon.smbclient(f"vms@{{{copy_id}}}", "ls")
             backup(client, "sql")  # no policy: nothing of it is kept
-        assert sorted(ours_on_storage(zfs_pool)) == sorted(kept)
+        assert daemon.removals_done() and sorted(ours_on_storage(zfs_pool)) == sorted(kept)
         assert "retention: pruning copy" in daemon.log()
         daemon.restart()  # retained copies are durable state
         assert sorted(ours_on_storage(zfs_pool)) == sorted(kept) and problems(daemon) == []
@@ -99,7 +99,7 @@ def test_exposure_ttl_reaps_backup_sets_and_never_rollback_sets(zfs_pool, tmp_pa
                 mapping = exposed[context]
                 assert client.get_share_mapping(mapping.set_id, mapping.copy_id, share).copy_id == mapping.copy_id
                 client.delete_share_mapping(mapping.set_id, mapping.copy_id, share)
-        assert ours_on_storage(zfs_pool) == []
+        assert daemon.removals_done() and ours_on_storage(zfs_pool) == []
     finally:
         daemon.stop()
 

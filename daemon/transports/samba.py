@@ -284,7 +284,8 @@ class SambaFrontDoor(FrontDoor):
         sddl = self.tools.security_descriptor(share.base)
         self.tools.put_share(share.name, snapshot_share_parameters(base, share.path, share.read_only, share.base))
         self.tools.set_security_descriptor(share.name, sddl)
-        self.tools.reload_smbd()
+        if existing is not None:  # smbd finds a new registry share by itself at its first tree connect
+            self.tools.reload_smbd()
         self._owned()[share.name] = share.base
 
     async def unpublish_share(self, name: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 import uuid
 
 from fsrvpd.backends.base import ShadowCopyRef
@@ -18,12 +19,20 @@ from fsrvpd.backends.host import read_mounts
 from tests.support.daemon import FsrvpDaemon, ours_on_storage
 
 HOLDS_SNAPSHOTS = ("Committed", "Exposed", "Recovered")
+REMOVAL_SECONDS = 30.0  # reconciliation retries a busy removal after 5 s
 
 
 def problems(daemon: FsrvpDaemon) -> list[str]:
-    """Every difference between the daemon's state and what exists; [] when they agree."""
+    """Every difference between the daemon's state and what exists; [] when they agree.
+
+    A running daemon removes a deleted copy's storage after answering DeleteShareMapping: it first
+    gets REMOVAL_SECONDS to finish what it recorded as being removed.
+    """
+    if daemon.alive():
+        daemon.removals_done(REMOVAL_SECONDS)
     sets, retained = daemon.state()
-    found: list[str] = []
+    found: list[str] = [f"copy {copy['copy_id']} of set {copy['set_id']} is still being removed "
+                        f"{REMOVAL_SECONDS:.0f} s later" for copy in (daemon.being_removed() if daemon.alive() else [])]
     objects: set[str] = set()  # what of the pool's `ours()` the state owns
     mounts: set[str] = set()
     shares: set[str] = set()

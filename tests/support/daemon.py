@@ -180,6 +180,21 @@ class FsrvpDaemon:
             return tuple([json.loads(body) for (body,) in db.execute(f"SELECT body FROM {table}")]
                          for table in ("shadow_copy_sets", "retained_copies"))
 
+    def removals_done(self, seconds: float = 30.0) -> bool:
+        """Wait until the daemon removed the storage of every copy it recorded as being removed: it
+        does so right after answering DeleteShareMapping (a busy clone: at its next reconciliation)."""
+        deadline = time.monotonic() + seconds
+        while self.being_removed():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def being_removed(self) -> list[dict]:
+        """The copies the daemon recorded as being removed: deleted, their storage not yet gone."""
+        with sqlite3.connect(Path(self.config["state_dir"]) / "state.sqlite3") as db:
+            return [json.loads(body) for (body,) in db.execute("SELECT body FROM copies_being_removed")]
+
     def published_shares(self) -> set[str]:
         """The disk shares the daemon's SMB server lists (srvsvc NetShareEnum, through smbclient -L)."""
         proc = subprocess.run(["smbclient", "-g", "-L", "//127.0.0.1", "-p", str(self.port), "-U",

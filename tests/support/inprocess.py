@@ -48,6 +48,7 @@ class InProcessFsrvpd:
 
     def stop(self) -> None:
         if self.service is not None:
+            self.run(self.service.stop())
             self.run(self.service.front_door.stop())
             self.service.store.close()
         self.loop.call_soon_threadsafe(self.loop.stop)
