@@ -30,19 +30,22 @@ class StorageCommandError(Exception):
     Subclasses give, per tool, the patterns of its messages (stderr) for each flag.
     """
 
-    MISSING = BUSY = OUT_OF_SPACE = r"(?!)"
+    MISSING = BUSY = OUT_OF_SPACE = EXISTS = r"(?!)"
 
-    def __init__(self, message: str, missing: bool = False, busy: bool = False, out_of_space: bool = False):
+    def __init__(self, message: str, missing: bool = False, busy: bool = False, out_of_space: bool = False,
+                 exists: bool = False):
         super().__init__(message)
         self.missing = missing
         self.busy = busy
         self.out_of_space = out_of_space
+        self.exists = exists
 
     @classmethod
     def from_command(cls, failure: CommandFailed) -> StorageCommandError:
         def says(pattern: str) -> bool:
             return re.search(pattern, failure.stderr, re.I) is not None
-        return cls(str(failure), missing=says(cls.MISSING), busy=says(cls.BUSY), out_of_space=says(cls.OUT_OF_SPACE))
+        return cls(str(failure), missing=says(cls.MISSING), busy=says(cls.BUSY), out_of_space=says(cls.OUT_OF_SPACE),
+                   exists=says(cls.EXISTS))
 
 
 @contextlib.contextmanager

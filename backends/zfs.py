@@ -63,6 +63,7 @@ class ZfsError(StorageCommandError):
     MISSING = "does not exist"
     BUSY = r"\bbusy\b"
     OUT_OF_SPACE = "out of space|quota exceeded|no space left"
+    EXISTS = "already exists"
 
 
 class Filesystem(NamedTuple):
@@ -286,6 +287,34 @@ class ZfsBackend(Backend):
     # -- exposure ----------------------------------------------------------------------------
 
     def expose(self, copy: ShadowCopyRef, writable: bool) -> str:
+        """A clone of the snapshot, made straight away (one command per share of an Expose) when the
+        snapshot is the set's own: the name carries the set's GUID, and the Commit that took it would
+        have failed had the name been taken, so its tags need no second look (removal still checks
+        them).  Only if the clone exists or the snapshot does not, or for a restore's snapshot,
+        which is not ours, is the storage looked at first."""
+        if copy.source is None:
+            with failing_as(f"exposing {snapshot_name(copy)}"):
+                try:
+                    return self._clone(copy, writable)
+                except ZfsError as exc:
+                    if not (exc.exists or exc.missing):
+                        raise
+        return self._expose_after_looking(copy, writable)
+
+    def _clone(self, copy: ShadowCopyRef, writable: bool) -> str:
+        mountpoint = os.path.join(self.mount_root, str(copy.copy_id))
+        make_mount_root(self.mount_root)
+        try:
+            self.zfs.clone(snapshot_name(copy), clone_name(copy),
+                           {"readonly": "off" if writable else "on", "mountpoint": mountpoint,
+                            SET_TAG: str(copy.set_id), COPY_TAG: str(copy.copy_id)})
+        except ZfsError as exc:
+            if not exc.exists:
+                self._destroy_if_ours([clone_name(copy)], copy.set_id, copy.copy_id)  # made, then failed to mount
+            raise
+        return mountpoint
+
+    def _expose_after_looking(self, copy: ShadowCopyRef, writable: bool) -> str:
         snapshot, clone = snapshot_name(copy), clone_name(copy)
         with failing_as(f"exposing {snapshot}"):
             found = self.zfs.get([SET_TAG, COPY_TAG, "origin", "mountpoint", "mounted"], [snapshot, clone])
@@ -298,15 +327,7 @@ class ZfsBackend(Backend):
                 raise BackendError(f"snapshot {snapshot} of {copy.store.name} does not exist", missing=True)
             if copy.source is None:
                 _require_ours(snapshot, found[snapshot], copy.set_id, copy.copy_id)
-            mountpoint = os.path.join(self.mount_root, str(copy.copy_id))
-            make_mount_root(self.mount_root)
-            try:
-                self.zfs.clone(snapshot, clone, {"readonly": "off" if writable else "on", "mountpoint": mountpoint,
-                                                 SET_TAG: str(copy.set_id), COPY_TAG: str(copy.copy_id)})
-            except ZfsError:
-                self._destroy_if_ours([clone], copy.set_id, copy.copy_id)  # created, then failed to mount
-                raise
-            return mountpoint
+            return self._clone(copy, writable)
 
     def make_read_only(self, copy: ShadowCopyRef) -> None:
         with failing_as(f"making {clone_name(copy)} read-only"):

@@ -90,6 +90,7 @@ class Config:
     sequence_timeout_long: float
     exposure_ttl: float  # non-persistent sets still exposed after this long are reaped; 0: never
     reconcile_interval: float
+    cleanup_quiet: float  # storage work queued after answers waits until no call came for this long
     command_timeout: float
     shares: dict[str, ShareConfig]  # keyed by casefolded share name
     log_level: str
@@ -306,6 +307,7 @@ def parse(text: str, source: str = "<config>") -> Config:
     sequence_timeout_long = timers.number("sequence_long_seconds", 1800, 1, 86400)
     exposure_ttl = timers.number("exposure_ttl_seconds", 86400, 0, 10 * 365 * 86400)
     reconcile_interval = timers.number("reconcile_seconds", 60, 1, 86400)
+    cleanup_quiet = timers.number("cleanup_quiet_seconds", 0.2, 0, 60)
     timers.finish()
 
     storage = top.section("storage")
@@ -364,7 +366,8 @@ def parse(text: str, source: str = "<config>") -> Config:
                   listen=listen, port=port, smb_conf=smb_conf, domain=domain, users=users, state_dir=state_dir,
                   mount_root=mount_root,
                   sequence_timeout=sequence_timeout, sequence_timeout_long=sequence_timeout_long,
-                  exposure_ttl=exposure_ttl, reconcile_interval=reconcile_interval, command_timeout=command_timeout,
+                  exposure_ttl=exposure_ttl, reconcile_interval=reconcile_interval, cleanup_quiet=cleanup_quiet,
+                  command_timeout=command_timeout,
                   shares=shares, log_level=log_level, metrics_listen=metrics_listen, metrics_port=metrics_port,
                   admin_socket=admin_socket, allowed=allowed, allowed_clients=allowed_clients,
                   open_queries=open_queries, min_auth_level=min_auth_level, limits=limits)

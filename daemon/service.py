@@ -101,6 +101,7 @@ class FsrvpService(Reconciliation):
         self._after_answer: collections.deque[Callable[[], Awaitable[None]]] = collections.deque()
         self._after_answer_queued = asyncio.Event()
         self._after_answer_worker: asyncio.Task | None = None
+        self._last_call = time.monotonic()
         self.handlers = {
             m.GetSupportedVersionRequest: self.get_supported_version,
             m.SetContextRequest: self.set_context,
@@ -215,6 +216,7 @@ class FsrvpService(Reconciliation):
     async def handle(self, request, caller: Caller):
         """Answer one decoded request; refusals become HRESULTs, never exceptions."""
         handler = self.handlers[type(request)]
+        self._last_call = time.monotonic()
         decision = self.authorizer.decide(caller, request)
         if not decision.allowed:
             response = m.failure_response(request, int(HResult.E_ACCESSDENIED))
@@ -654,11 +656,18 @@ class FsrvpService(Reconciliation):
         self._after_answer_queued.set()
 
     async def _work_after_answers(self) -> None:
-        """One queued piece at a time, each under the lock: a call waits for one piece at most."""
+        """One queued piece at a time, each under the lock, once no call has come for
+        `timers.cleanup_quiet_seconds`: a requester's calls come in bursts (a DeleteShareMapping per
+        share), each of which would otherwise wait for the removal before it.  A call that comes
+        while a piece runs waits for that one piece at most."""
         while True:
             await self._after_answer_queued.wait()
             self._after_answer_queued.clear()
             while self._after_answer:
+                quiet_in = self._last_call + self.config.cleanup_quiet - time.monotonic()
+                if quiet_in > 0:
+                    await asyncio.sleep(quiet_in)
+                    continue
                 async with self.lock:
                     if self._after_answer:
                         await self._run_queued()

@@ -158,6 +158,7 @@ def configure(daemon: FsrvpDaemon, flow: str) -> None:
         daemon.config["timers"]["exposure_ttl_seconds"] = 2
     if flow == "retention":
         daemon.config["shares"]["vms"]["retention"] = {"keep_last": 1}
+    daemon.config["timers"]["cleanup_quiet_seconds"] = 0  # storage work after answers at once: points in order
 
 
 def run_until_killed(daemon: FsrvpDaemon, point: str, steps: list[Callable[[], object]]) -> None:
