@@ -679,7 +679,12 @@ class FsrvpService(Reconciliation):
 
     async def _run_queued(self) -> None:
         crash_point("answered.cleanup")
-        await self._after_answer.popleft()()
+        work = self._after_answer.popleft()
+        try:
+            await work()
+        except Exception:  # noqa: BLE001 -- the queue must go on; what is left is recorded or tagged
+            log.exception("storage work after an answer failed (reconciliation retries)")
+            self.removal_pending = True
 
     async def _finish_snapshot(self, backend: Backend, refs: list[ShadowCopyRef]) -> None:
         try:

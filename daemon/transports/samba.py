@@ -27,6 +27,7 @@ import os
 import socket
 import stat
 import struct
+import time
 
 from .. import npa
 from ..constants import PIPE_NAME
@@ -41,6 +42,9 @@ SOCKET_WATCH_SECONDS = 5.0
 READ_SIZE = 65536
 PDU_HEADER_SIZE = 16
 PIPE_TASKS_GRACE_SECONDS = 2.0
+# The configuration a snapshot share copies from its base share is re-read (testparm) when older
+# than this; an Expose publishes one share per copy, a whole read for each made it slow.
+BASE_SHARES_MAX_AGE_SECONDS = 10.0
 
 
 class SambaSetupError(Exception):
@@ -178,6 +182,8 @@ class SambaFrontDoor(FrontDoor):
         self._watch: asyncio.Task | None = None
         self._pipe_tasks: set[asyncio.Task] = set()
         self._published: dict[str, str] | None = None  # share -> base share, for shares carrying our tag
+        self._sections: dict[str, dict[str, str]] = {}  # testparm's output, as last read
+        self._sections_read_at = -BASE_SHARES_MAX_AGE_SECONDS
 
     async def start(self, handle_pipe: PipeHandler) -> None:
         self._server = await asyncio.start_unix_server(lambda r, w: self._accept(r, w, handle_pipe),
@@ -274,19 +280,30 @@ class SambaFrontDoor(FrontDoor):
         await asyncio.to_thread(self._publish, share)
 
     def _publish(self, share: ShareSpec) -> None:
-        sections = self.tools.sections()
-        base = next((params for name, params in sections.items() if name.casefold() == share.base.casefold()), None)
+        base = self._base_share(share.base)
         if base is None:
             raise SambaError(f"Samba has no share {share.base!r} to copy for {share.name}")
-        existing = sections.get(share.name)
-        if existing is not None and existing.get(OWNER_PARAMETER) is None:
+        replacing = share.name in self._owned()
+        existing = self._sections.get(share.name)
+        if not replacing and existing is not None and existing.get(OWNER_PARAMETER) is None:
             raise SambaError(f"Samba already has a share {share.name!r} that fsrvpd did not make; leaving it alone")
         sddl = self.tools.security_descriptor(share.base)
         self.tools.put_share(share.name, snapshot_share_parameters(base, share.path, share.read_only, share.base))
         self.tools.set_security_descriptor(share.name, sddl)
-        if existing is not None:  # smbd finds a new registry share by itself at its first tree connect
+        if replacing:  # smbd finds a new registry share by itself at its first tree connect
             self.tools.reload_smbd()
         self._owned()[share.name] = share.base
+
+    def _base_share(self, name: str) -> dict[str, str] | None:
+        """The base share's parameters (None if Samba has no such share), read at most
+        BASE_SHARES_MAX_AGE_SECONDS ago, or now if the copy has no share of that name."""
+        def lookup() -> dict[str, str] | None:
+            return next((params for section, params in self._sections.items()
+                         if section.casefold() == name.casefold()), None)
+
+        if time.monotonic() - self._sections_read_at > BASE_SHARES_MAX_AGE_SECONDS or lookup() is None:
+            self._sections, self._sections_read_at = self.tools.sections(), time.monotonic()
+        return lookup()
 
     async def unpublish_share(self, name: str) -> None:
         await asyncio.to_thread(self._unpublish, name)
