@@ -45,6 +45,7 @@ from fsrvpd import __version__
 RESULTS = Path(__file__).with_name("results")
 SCRATCH = "/var/tmp/fsrvpd-bench"  # pool and file system images, logs: away from /tmp, which others clean
 MANY_SNAPSHOTS_SET = 8  # the set size of phase 2
+SHARE_TOOLS_SAMPLES = 5  # behind smbd: Samba's tools for one share, timed after each set size
 RSS_SERVER = "fsrvpd-embedded"  # the daemon's own memory: behind smbd, the shares live in smbd
 LOADS: list[str] = []  # the load average at each log line: how busy others kept the machine
 
@@ -91,6 +92,7 @@ def cycles_phase(storage: BenchStorage, workdir: Path, backend: str, sizes: tupl
     per server, size and operation, and those of the floors per size and part (storage.floor)."""
     measured: dict = {}
     floors: dict[str, list[dict[str, float]]] = {}
+    share_tools: dict[str, list[dict[str, float]]] = {}
     servers = [server for server in SERVERS if serves(server, backend)]
     for server in servers:
         directory = Path(tempfile.mkdtemp(prefix=f"{server}-{backend}-", dir=workdir))
@@ -111,6 +113,9 @@ def cycles_phase(storage: BenchStorage, workdir: Path, backend: str, sizes: tupl
                 measured.setdefault(server, {})[str(size)] = {
                     operation: summary(values) for operation, values in client.samples.items() if values}
                 client.samples.clear()
+                if endpoint.share_tools is not None:
+                    share_tools.setdefault(server, []).extend(endpoint.share_tools(shares[0])
+                                                              for _ in range(SHARE_TOOLS_SAMPLES))
                 if failures:
                     results["notes"].append(f"{server} on {backend}, {size} share(s): {len(failures)} cycle(s) failed "
                                             f"and were run again; the first: {failures[0]}")
@@ -122,6 +127,8 @@ def cycles_phase(storage: BenchStorage, workdir: Path, backend: str, sizes: tupl
             results["notes"].append(f"{server} on {backend} left {len(leftovers)} object(s) behind (removed before "
                                     f"the next server), e.g. {leftovers[0]}")
             log(f"  {server} left behind {len(leftovers)} object(s)")
+    for server, samples in share_tools.items():
+        measured[server]["share tools"] = {part: summary([sample[part] for sample in samples]) for part in samples[0]}
     return measured, {size: {part: summary([sample[part] for sample in samples]) for part in samples[0]}
                       for size, samples in floors.items()}
 

@@ -16,11 +16,14 @@ import dataclasses
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bench.storage import BenchStorage
 from fsrvpd.config import BACKENDS as FSRVPD_BACKENDS
+from fsrvpd.runner import CommandRunner
+from fsrvpd.samba import SambaTools
 from tests.support.daemon import PASSWORD, USER, FsrvpDaemon
 from tests.support.samba import (ADMIN, ADMIN_PASSWORD, DCERPCD_HELPERS, START_SECONDS, SambaFsrvpd, SambaServer,
                                  ensure_samba)
@@ -38,6 +41,9 @@ class Endpoint:
     daemon_pid: Callable[[], int | None]
     user: str = USER
     password: str = PASSWORD
+    # Behind smbd: seconds Samba's own tools take to publish, and to withdraw, one snapshot share
+    # of the given base share (see samba_share_tools).
+    share_tools: Callable[[str], dict[str, float]] | None = None
 
 
 @contextlib.contextmanager
@@ -91,7 +97,25 @@ def fsrvpd_samba(storage: BenchStorage, backend: str, shares: dict[str, str], di
         daemon = SambaFsrvpd(samba, storage.pool, directory / "fsrvpd", shares=())
         daemon.config["rpc"] = {"min_auth_level": "integrity"}
         with _serving(daemon, backend, shares) as endpoint:
+            endpoint.share_tools = lambda base: samba_share_tools(samba.conf, directory / "scratch", base)
             yield endpoint
+
+
+def samba_share_tools(smb_conf: str, scratch: Path, base: str) -> dict[str, float]:
+    """Seconds Samba's tools alone take for one snapshot share, with the commands fsrvpd's Samba
+    front door runs for each (daemon/samba.py): "publish" -- the base share's security
+    descriptor read, the registry share written, its descriptor set -- and "withdraw" -- the share
+    deleted, smbd told to reload. Samba has no interface that adds or removes several shares at once."""
+    tools = SambaTools(CommandRunner(), smb_conf, str(scratch))
+    name = f"{base}@{{{str(uuid.uuid4()).upper()}}}"
+    started = time.perf_counter()
+    sddl = tools.security_descriptor(base)
+    tools.put_share(name, {"path": "/", "read only": "yes"})
+    tools.set_security_descriptor(name, sddl)
+    published = time.perf_counter()
+    tools.delete_share(name)
+    tools.reload_smbd()
+    return {"publish": published - started, "withdraw": time.perf_counter() - published}
 
 
 def _snapshot_options(storage: BenchStorage, backend: str) -> dict[str, str]:
