@@ -9,6 +9,8 @@ commands block, so they run in worker threads; one lock serialises state changes
 several clients never interleave half-way.  Commit and Expose answer by the client's
 TimeOutInMilliseconds even while a storage command hangs; the command, bounded by the
 per-command timeout, then finishes and is undone in the background, still holding the lock.
+Storage work nobody waits for -- removing a deleted copy, tidying up after a Commit -- is queued
+and done after the answer, once the client's calls pause (`_do_after_answer`).
 
 What it does besides answering calls -- timer expiries, TTL reaping, repairs, retention
 pruning -- it reports to the `observer` (metrics.py counts it).
@@ -139,11 +141,12 @@ class FsrvpService(Reconciliation):
         self._after_answer_worker = asyncio.create_task(self._work_after_answers())
 
     async def stop(self) -> None:
-        """Stop the work queued after answers; what is left of it reconciliation finishes at the
-        next start (it is recorded in the store, or tagged on storage)."""
+        """Stop the work queued after answers once the piece under way is done; what is left of it
+        reconciliation finishes at the next start (it is recorded in the store, or tagged on storage)."""
         if self._after_answer_worker is not None:
-            self._after_answer_worker.cancel()
-            await asyncio.gather(self._after_answer_worker, return_exceptions=True)
+            async with self.lock:
+                self._after_answer_worker.cancel()
+                await asyncio.gather(self._after_answer_worker, return_exceptions=True)
         if self._after_answer:
             log.info("stopping with %d storage clean-up(s) queued; they are done at the next start",
                      len(self._after_answer))
