@@ -107,11 +107,6 @@ class Backend(abc.ABC):
         `remove`), and BackendError is raised.
         """
 
-    def finish_snapshot(self, copies: list[ShadowCopyRef]) -> None:
-        """The clean-up `snapshot` leaves until after the Commit is answered, when the client's
-        writes are no longer frozen; nothing by default.  What it removes carries our set tag, so
-        after a crash reconciliation removes it instead.  Raises BackendError."""
-
     @abc.abstractmethod
     def expose(self, copy: ShadowCopyRef, writable: bool) -> str:
         """Make the snapshot readable as a directory tree and return its path (idempotent)."""

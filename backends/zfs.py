@@ -16,9 +16,10 @@ Atomicity of `snapshot`: copies are grouped per pool (and set); each group is on
     transaction group, or none is.
   - zfs-fuse (pool v23) takes one argument. A group of one dataset is snapshotted directly; a
     group of several by `zfs snapshot -r` of their deepest common ancestor, which is atomic as
-    well; the snapshots of the datasets below that ancestor that are not in the set are destroyed
-    (after checking their set tag) by `finish_snapshot`, once the Commit is answered.  Until then
-    they exist; after a crash reconciliation removes them (tagged, of no copy of the set).
+    well; the snapshots of the datasets below that ancestor that are not in the set are then
+    destroyed (after checking their set tag), within the Commit: left for later, they would
+    block the removal of clones they were taken of while clients keep calling. For that moment
+    they exist.
   Groups in different pools are separate calls, so a set spanning pools is consistent per pool
   only; no ZFS tool offers more. The set tag comes with the snapshot (`zfs snapshot -o`), so it is
   never missing. If anything fails, every snapshot of the call that carries the set tag is
@@ -240,13 +241,15 @@ class ZfsBackend(Backend):
     # -- snapshots ---------------------------------------------------------------------------
 
     def snapshot(self, copies: list[ShadowCopyRef]) -> None:
-        groups = _groups(copies)
+        groups: dict[tuple[str, uuid.UUID], list[ShadowCopyRef]] = collections.defaultdict(list)
+        for copy in copies:
+            groups[(copy.store.group, copy.set_id)].append(copy)
         try:
-            for (_, set_id), datasets in groups.items():
-                self._snapshot_atomically(set_id, datasets)
+            for (_, set_id), members in groups.items():
+                self._snapshot_atomically(set_id, [copy.store.name for copy in members])
         except ZfsError as exc:
-            for (_, set_id), datasets in groups.items():
-                self._discard_snapshots(set_id, datasets)
+            for (_, set_id), members in groups.items():
+                self._discard_snapshots(set_id, [copy.store.name for copy in members])
             raise BackendError(f"taking the snapshots failed: {exc}", out_of_space=exc.out_of_space,
                                missing=exc.missing) from exc
 
@@ -259,19 +262,12 @@ class ZfsBackend(Backend):
         if self._snapshots_directly(datasets):
             self.zfs.snapshot([dataset + suffix for dataset in datasets], {SET_TAG: str(set_id)})
             return
-        self.zfs.snapshot([common_ancestor(datasets) + suffix], {SET_TAG: str(set_id)}, recursive=True)
-
-    def finish_snapshot(self, copies: list[ShadowCopyRef]) -> None:
-        """Destroy the snapshots zfs-fuse's `zfs snapshot -r` took of datasets not in the set."""
-        with failing_as("destroying the snapshots of datasets outside the set"):
-            for (_, set_id), datasets in _groups(copies).items():
-                if not self._snapshots_directly(datasets):
-                    suffix = f"@{NAME_PREFIX}{set_id}"
-                    extras = [dataset + suffix for dataset in self.zfs.tree(common_ancestor(datasets))
-                              if dataset not in datasets]
-                    for name, tags in self.zfs.get([SET_TAG], extras).items():
-                        if tags.get(SET_TAG) == str(set_id):
-                            self._destroy(name)
+        ancestor = common_ancestor(datasets)
+        self.zfs.snapshot([ancestor + suffix], {SET_TAG: str(set_id)}, recursive=True)
+        extras = [dataset + suffix for dataset in self.zfs.tree(ancestor) if dataset not in datasets]
+        for name, tags in self.zfs.get([SET_TAG], extras).items():
+            if tags.get(SET_TAG) == str(set_id):
+                self._destroy(name)
 
     def _discard_snapshots(self, set_id: uuid.UUID, datasets: list[str]) -> None:
         """Destroy what a failed call may have created; what stays is tagged, so `owned` finds it."""
@@ -398,14 +394,6 @@ class ZfsBackend(Backend):
         except ZfsError as exc:
             if not exc.missing:
                 raise
-
-
-def _groups(copies: list[ShadowCopyRef]) -> dict[tuple[str, uuid.UUID], list[str]]:
-    """The datasets of each atomic snapshot call: copies grouped by pool and set."""
-    groups: dict[tuple[str, uuid.UUID], list[str]] = collections.defaultdict(list)
-    for copy in copies:
-        groups[(copy.store.group, copy.set_id)].append(copy.store.name)
-    return groups
 
 
 def _require_ours(name: str, props: dict[str, str], set_id: uuid.UUID, copy_id: uuid.UUID | None) -> None:

@@ -9,8 +9,8 @@ commands block, so they run in worker threads; one lock serialises state changes
 several clients never interleave half-way.  Commit and Expose answer by the client's
 TimeOutInMilliseconds even while a storage command hangs; the command, bounded by the
 per-command timeout, then finishes and is undone in the background, still holding the lock.
-Storage work nobody waits for -- removing a deleted copy, tidying up after a Commit -- is queued
-and done after the answer, once the client's calls pause (`_do_after_answer`).
+The removal of a deleted copy's storage, which nobody waits for, is queued and done after the
+answer, once the client's calls pause (`_do_after_answer`).
 
 What it does besides answering calls -- timer expiries, TTL reaping, repairs, retention
 pruning -- it reports to the `observer` (metrics.py counts it).
@@ -49,6 +49,7 @@ log = logging.getLogger("fsrvpd.service")
 audit = logging.getLogger("fsrvpd.audit")
 
 RETRY_REMOVAL_SECONDS = 5.0  # storage that was busy when it should have gone is tried again this soon
+MAX_DEFER_SECONDS = 5.0  # a removal queued after an answer waits no longer for the calls to pause
 GLOBALS_KEY = "globals"
 
 
@@ -100,7 +101,7 @@ class FsrvpService(Reconciliation):
         self.lock = asyncio.Lock()
         self.removal_pending = False  # some storage could not be removed yet: reconcile soon
         self._jobs: set[asyncio.Task] = set()  # Commit/Expose storage work (a late one runs on, holding the lock)
-        self._after_answer: collections.deque[Callable[[], Awaitable[None]]] = collections.deque()
+        self._after_answer: collections.deque[tuple[float, Callable[[], Awaitable[None]]]] = collections.deque()
         self._after_answer_queued = asyncio.Event()
         self._after_answer_worker: asyncio.Task | None = None
         self._last_call = time.monotonic()
@@ -141,15 +142,16 @@ class FsrvpService(Reconciliation):
         self._after_answer_worker = asyncio.create_task(self._work_after_answers())
 
     async def stop(self) -> None:
-        """Stop the work queued after answers once the piece under way is done; what is left of it
-        reconciliation finishes at the next start (it is recorded in the store, or tagged on storage)."""
+        """Stop the queue of work after answers, finishing what it holds first: an admin who stops
+        fsrvpd right after a backup expects its snapshots gone.  Each piece is bounded by the
+        per-command timeout; one that fails is recorded or tagged, and the next start finishes it."""
         if self._after_answer_worker is not None:
             async with self.lock:
                 self._after_answer_worker.cancel()
                 await asyncio.gather(self._after_answer_worker, return_exceptions=True)
-        if self._after_answer:
-            log.info("stopping with %d storage clean-up(s) queued; they are done at the next start",
-                     len(self._after_answer))
+                if self._after_answer:
+                    log.info("finishing %d storage clean-up(s) before stopping", len(self._after_answer))
+                await self._finish_queued_work()
 
     async def run_timers(self) -> None:
         """Fire the Message Sequence Timer and the exposure TTL when due; reconcile now and then, and
@@ -414,7 +416,6 @@ class FsrvpService(Reconciliation):
         try:
             for backend_name, refs in refs_by_backend.items():
                 await asyncio.to_thread(self.backends[backend_name].snapshot, refs)
-                self._do_after_answer(functools.partial(self._finish_snapshot, self.backends[backend_name], refs))
         except BackendError as exc:
             log.error("commit of set %s failed: %s", scs.set_id, exc)
             await self._remove_storage(scs, scs.copies)
@@ -652,22 +653,24 @@ class FsrvpService(Reconciliation):
 
     # -- storage work the caller need not wait for ----------------------------------------------
     def _do_after_answer(self, work: Callable[[], Awaitable[None]]) -> None:
-        """Queue storage work for after the call is answered: removing a deleted copy, tidying up
-        after a Commit.  A backup application waits for each DeleteShareMapping, and the writers of
-        a Commit stay frozen until it is answered; neither needs to wait for `zfs destroy`."""
-        self._after_answer.append(work)
+        """Queue storage work for after the call is answered: a backup application waits for each
+        DeleteShareMapping, but not for the `zfs destroy` of the copy (its removal is recorded)."""
+        self._after_answer.append((time.monotonic(), work))
         self._after_answer_queued.set()
 
     async def _work_after_answers(self) -> None:
         """One queued piece at a time, each under the lock, once no call has come for
         `timers.cleanup_quiet_seconds`: a requester's calls come in bursts (a DeleteShareMapping per
-        share), each of which would otherwise wait for the removal before it.  A call that comes
-        while a piece runs waits for that one piece at most."""
+        share), each of which would otherwise wait for the removal before it.  Under a steady
+        stream of calls a piece waits MAX_DEFER_SECONDS at most.  A call that comes while a piece
+        runs waits for that one piece."""
         while True:
             await self._after_answer_queued.wait()
             self._after_answer_queued.clear()
             while self._after_answer:
-                quiet_in = self._last_call + self.config.cleanup_quiet - time.monotonic()
+                queued_at = self._after_answer[0][0]
+                quiet_in = min(self._last_call + self.config.cleanup_quiet, queued_at + MAX_DEFER_SECONDS) \
+                    - time.monotonic()
                 if quiet_in > 0:
                     await asyncio.sleep(quiet_in)
                     continue
@@ -682,19 +685,11 @@ class FsrvpService(Reconciliation):
 
     async def _run_queued(self) -> None:
         crash_point("answered.cleanup")
-        work = self._after_answer.popleft()
+        _, work = self._after_answer.popleft()
         try:
             await work()
         except Exception:  # noqa: BLE001 -- the queue must go on; what is left is recorded or tagged
             log.exception("storage work after an answer failed (reconciliation retries)")
-            self.removal_pending = True
-
-    async def _finish_snapshot(self, backend: Backend, refs: list[ShadowCopyRef]) -> None:
-        try:
-            await asyncio.to_thread(backend.finish_snapshot, refs)
-        except BackendError as exc:
-            log.error("tidying up after the snapshots of set %s failed (reconciliation retries): %s",
-                      refs[0].set_id, exc)
             self.removal_pending = True
 
     # -- effects ------------------------------------------------------------------------------
