@@ -136,10 +136,10 @@ class ZfsCli:
         return self._takes_several_snapshots
 
     def snapshot(self, snapshots: list[str], properties: dict[str, str], recursive: bool = False) -> None:
-        self._run("snapshot", *(["-r"] if recursive else []), *_options(properties), *snapshots)
+        self._run("snapshot", *(["-r"] if recursive else []), *property_options(properties), *snapshots)
 
     def clone(self, snapshot: str, target: str, properties: dict[str, str]) -> None:
-        self._run("clone", *_options(properties), snapshot, target)
+        self._run("clone", *property_options(properties), snapshot, target)
 
     def set(self, name: str, prop: str, value: str) -> None:
         self._run("set", f"{prop}={value}", name)
@@ -151,7 +151,8 @@ class ZfsCli:
         self._run("destroy", name)
 
 
-def _options(properties: dict[str, str]) -> list[str]:
+def property_options(properties: dict[str, str]) -> list[str]:
+    """`-o prop=value` for each property, as `zfs snapshot` and `zfs clone` take them."""
     return [arg for prop, value in properties.items() for arg in ("-o", f"{prop}={value}")]
 
 

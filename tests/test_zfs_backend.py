@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from fsrvpd.backends.base import SNAPSHOT, BackendError, NotSupported, OwnedObject, ShadowCopyRef
-from fsrvpd.backends.zfs import COPY_TAG, SET_TAG, ZfsBackend, clone_name, snapshot_name
+from fsrvpd.backends.zfs import COPY_TAG, SET_TAG, ZfsBackend, clone_name, property_options, snapshot_name
 from fsrvpd.runner import CommandRunner
 from tests.support.zfs import FilePool, fill, zfs
 
@@ -228,17 +228,13 @@ def test_remove_leaves_nothing_of_ours_and_can_be_repeated(zfs_pool, backend):
     assert ours(zfs_pool) == []
 
 
-def tag_options(tags: dict[str, str]) -> list[str]:
-    return [arg for prop, value in tags.items() for arg in ("-o", f"{prop}={value}")]
-
-
 @pytest.mark.parametrize("tagged", ["untagged", "another set", "another copy (an earlier version's tag)"])
 def test_a_snapshot_with_our_name_but_not_our_tags_is_left_alone(zfs_pool, backend, tagged):
     _, mountpoint = zfs_pool.dataset("vms")
     [copy] = copies_of(backend, [mountpoint])
     tags = {"untagged": {}, "another set": {SET_TAG: str(uuid.uuid4())},
             "another copy (an earlier version's tag)": {SET_TAG: str(copy.set_id), COPY_TAG: str(uuid.uuid4())}}
-    zfs("snapshot", *tag_options(tags[tagged]), snapshot_name(copy))
+    zfs("snapshot", *property_options(tags[tagged]), snapshot_name(copy))
     unowned = OwnedObject(SNAPSHOT, snapshot_name(copy), copy.set_id, None, zfs_pool.name, copy.store.name)
     # Expose is not refused: it only clones, and through the service such a snapshot never gets that far
     # (Commit's `zfs snapshot` of the set's name fails when the name is taken).
@@ -250,7 +246,7 @@ def test_a_snapshot_with_our_name_but_not_our_tags_is_left_alone(zfs_pool, backe
 
 def test_a_snapshot_an_earlier_version_tagged_with_its_copy_is_still_served_and_removed(zfs_pool, backend):
     [copy] = copies_of(backend, [zfs_pool.dataset("vms")[1]])
-    zfs("snapshot", *tag_options({SET_TAG: str(copy.set_id), COPY_TAG: str(copy.copy_id)}), snapshot_name(copy))
+    zfs("snapshot", *property_options({SET_TAG: str(copy.set_id), COPY_TAG: str(copy.copy_id)}), snapshot_name(copy))
     assert [(obj.copy_id, obj.store) for obj in backend.owned() if obj.name == snapshot_name(copy)] == \
         [(copy.copy_id, copy.store.name)]
     backend.expose(copy, writable=False)

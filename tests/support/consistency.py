@@ -28,11 +28,11 @@ def problems(daemon: FsrvpDaemon) -> list[str]:
     A running daemon removes a deleted copy's storage after answering DeleteShareMapping: it first
     gets REMOVAL_SECONDS to finish what it recorded as being removed.
     """
-    if daemon.alive():
-        daemon.removals_done(REMOVAL_SECONDS)
+    found: list[str] = []
+    if daemon.alive() and not daemon.removals_done(REMOVAL_SECONDS):
+        found += [f"copy {copy['copy_id']} of set {copy['set_id']} is still being removed {REMOVAL_SECONDS:.0f} s later"
+                  for copy in daemon.being_removed()]
     sets, retained = daemon.state()
-    found: list[str] = [f"copy {copy['copy_id']} of set {copy['set_id']} is still being removed "
-                        f"{REMOVAL_SECONDS:.0f} s later" for copy in (daemon.being_removed() if daemon.alive() else [])]
     objects: set[str] = set()  # what of the pool's `ours()` the state owns
     mounts: set[str] = set()
     shares: set[str] = set()
