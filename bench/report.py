@@ -65,7 +65,7 @@ def cycle_floor(results: dict, backend: str, size: int, server: str | None = Non
     protocol = calls_per_cycle(size) * min(cheapest) if cheapest else None
     storage = _floor(results, backend, size, "exposed")
     tools = size * (share_tools_ms(results, backend, server) or 0) if server else 0
-    return {"protocol_ms": protocol, "storage_ms": storage, "tools_ms": tools,
+    return {"protocol_ms": protocol, "storage_ms": storage,
             "total_ms": protocol + storage + tools if protocol is not None and storage is not None else None}
 
 

@@ -125,24 +125,27 @@ class BenchStorage:
         return time.perf_counter() - started
 
     def _left_of_set(self, backend: str, size: int) -> list[str]:
+        """`_left`, listing on zfs only where a cycle of that set leaves objects (not the filler)."""
         if backend != "zfs":
             return self._left(backend)
         clones, _ = self.samba_clone_place()
         listed = zfs("list", "-H", "-t", "all", "-o", "name", "-r", f"{self.pool.name}/set{size}", clones).split()
         listed += zfs("list", "-H", "-t", "filesystem", "-o", "name", "-d", "1", self.pool.name).split()
-        return [name for name in listed
-                if "@" in name or name.startswith((clones + "/", f"{self.pool.name}/fsrvpd-"))]
+        return self._left_by_servers(listed)
 
     def _left(self, backend: str) -> list[str]:
         if backend == "zfs":
-            clones, _ = self.samba_clone_place()
-            filler = f"{self.pool.name}/filler"
-            return [name for name in zfs("list", "-H", "-t", "all", "-o", "name", "-r", self.pool.name).split()
-                    if name.startswith((clones + "/", f"{self.pool.name}/fsrvpd-"))
-                    or ("@" in name and not name.startswith((filler + "/", filler + "@")))]
+            return self._left_by_servers(zfs("list", "-H", "-t", "all", "-o", "name", "-r", self.pool.name).split())
         return [os.path.join(self.btrfs.mountpoint, line.split(" path ", 1)[1])
                 for line in run("btrfs", "subvolume", "list", "-s", self.btrfs.mountpoint).splitlines()
                 if not line.split(" path ", 1)[1].startswith(FILLER_SNAPSHOTS + "/")]
+
+    def _left_by_servers(self, names: list[str]) -> list[str]:
+        """Of zfs `names`, the servers' snapshots and clones (Samba's, fsrvpd's), not the filler."""
+        clones, _ = self.samba_clone_place()
+        filler = f"{self.pool.name}/filler"
+        return [name for name in names if name.startswith((clones + "/", f"{self.pool.name}/fsrvpd-"))
+                or ("@" in name and not name.startswith((filler + "/", filler + "@")))]
 
     # -- the storage alone ------------------------------------------------------------------
 
