@@ -237,8 +237,9 @@ class FsrvpService(Reconciliation):
 
     def _persist(self, *changed: ShadowCopySet, deleted: Sequence[ShadowCopySet] = (),
                  removed: Sequence[tuple[ShadowCopySet, ShadowCopy]] = (), retained: Sequence[RetainedCopy] = (),
-                 unretained: Sequence[RetainedCopy] = ()) -> None:
-        """Write changed and deleted sets, retained copies and the server-wide context in one transaction.
+                 unretained: Sequence[RetainedCopy] = (), synced: bool = True) -> None:
+        """Write changed and deleted sets, retained copies and the server-wide context in one transaction;
+        `synced=False` where no storage action depends on the write (store.py).
 
         Every copy that leaves the state -- those of deleted sets, `removed` ones, `unretained`
         ones -- is recorded as being removed until its storage is confirmed gone (`_removed`), so
@@ -250,7 +251,7 @@ class FsrvpService(Reconciliation):
         self.store.save({SETS: [scs.to_dict() for scs in changed], RETAINED: [r.to_dict() for r in retained],
                          REMOVING: leaving},
                         {SETS: [str(scs.set_id) for scs in deleted], RETAINED: [str(r.copy_id) for r in unretained]},
-                        {GLOBALS_KEY: self.machine.globals_record()})
+                        {GLOBALS_KEY: self.machine.globals_record()}, synced=synced)
         self.removing.update((uuid.UUID(body["copy_id"]), body) for body in leaving)
 
     def _removed(self, copy_ids: Iterable[uuid.UUID]) -> None:
@@ -322,7 +323,7 @@ class FsrvpService(Reconciliation):
     async def start_shadow_copy_set(self, request, caller):
         async with self.lock:
             scs = self.machine.start_set(request.client_set_id, caller.address, _who(caller), self.clock())
-            self._persist(scs)
+            self._persist(scs, synced=False)
             crash_point("start.persisted")
         log.info("set %s started by %s, context %#x", scs.set_id, _who(caller), scs.context)
         return m.StartShadowCopySetResponse(result=0, set_id=scs.set_id)
@@ -333,7 +334,7 @@ class FsrvpService(Reconciliation):
         async with self.lock:
             copy = self.machine.add(request.set_id, request.client_copy_id, share.name, request.share_name,
                                     dataclasses.asdict(store), self.clock())
-            self._persist(self.machine.sets[request.set_id])
+            self._persist(self.machine.sets[request.set_id], synced=False)
             crash_point("add.persisted")
         log.info("set %s: %s added share %s (%s %s) as copy %s", request.set_id, _who(caller), share.name,
                  store.backend, store.name, copy.copy_id)
@@ -522,7 +523,7 @@ class FsrvpService(Reconciliation):
         async with self.lock:
             scs, copy = self.machine.share_mapping(request.set_id, request.copy_id, share.name, request.level,
                                                    self.clock())
-            self._persist(scs)
+            self._persist(synced=False)  # the set is as it was; the sequence timer restarted
         host = parse_unc(copy.unc, self.host_names).host
         mapping = m.ShareMapping1(
             set_id=scs.set_id, copy_id=copy.copy_id, share_name_unc=copy.unc,

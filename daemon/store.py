@@ -1,12 +1,15 @@
 """Durable state: every shadow copy set, written before the daemon answers or acts.
 
 The state machine's sets serialise to plain dictionaries; each is stored as one JSON row in
-SQLite (WAL, synchronous=FULL), so a set is always either fully its old or fully its new self
-after a crash.  The daemon writes a set *before* it touches storage (intent) and again after
-(outcome), so a restart can find everything a crash interrupted.  Copies kept by retention
-(retention.py) are rows of their own, and so is every copy that left the state until its
-storage is confirmed gone: what is on storage with a set GUID this daemon never recorded
-belongs to someone else (another fsrvpd instance) and is never touched.
+SQLite (WAL), so a set is always either fully its old or fully its new self after a crash.  The
+daemon writes a set *before* it touches storage (intent) and again after (outcome), so a restart
+can find everything a crash interrupted.  Those writes wait for the disk (synchronous=FULL); the
+others (a set being assembled, the sequence timer restarted) are left in the write-ahead log
+unsynced: a crash of the process keeps them, a power loss may take the last of them -- never one
+that storage depends on, as the log is replayed in order and the next synced write syncs them
+too.  Copies kept by retention (retention.py) are rows of their own, and so is every copy that
+left the state until its storage is confirmed gone: what is on storage with a set GUID this
+daemon never recorded belongs to someone else (another fsrvpd instance) and is never touched.
 """
 
 from __future__ import annotations
@@ -47,19 +50,25 @@ class StateStore:
         finally:
             os.umask(old_umask)
         self._lock = threading.Lock()
+        self._synced = True
 
     def save(self, write: Mapping[str, list[dict]] = EMPTY, delete: Mapping[str, list[str]] = EMPTY,
-             settings: Mapping[str, object] = EMPTY) -> None:
-        """In one transaction: write bodies into their tables, delete rows by key, update settings."""
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            for table, bodies in write.items():
-                self._db.executemany(f"INSERT OR REPLACE INTO {table} ({KEYS[table]}, body) VALUES (?, ?)",
-                                     [(body[KEYS[table]], json.dumps(body, sort_keys=True)) for body in bodies])
-            for table, keys in delete.items():
-                self._db.executemany(f"DELETE FROM {table} WHERE {KEYS[table]} = ?", [(key,) for key in keys])
-            self._db.executemany("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
-                                 [(key, json.dumps(value)) for key, value in settings.items()])
+             settings: Mapping[str, object] = EMPTY, synced: bool = True) -> None:
+        """In one transaction: write bodies into their tables, delete rows by key, update settings;
+        `synced=False` does not wait for the disk (see the module docstring)."""
+        with self._lock:
+            if synced != self._synced:
+                self._db.execute(f"PRAGMA synchronous={'FULL' if synced else 'NORMAL'}")
+                self._synced = synced
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                for table, bodies in write.items():
+                    self._db.executemany(f"INSERT OR REPLACE INTO {table} ({KEYS[table]}, body) VALUES (?, ?)",
+                                         [(body[KEYS[table]], json.dumps(body, sort_keys=True)) for body in bodies])
+                for table, keys in delete.items():
+                    self._db.executemany(f"DELETE FROM {table} WHERE {KEYS[table]} = ?", [(key,) for key in keys])
+                self._db.executemany("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
+                                     [(key, json.dumps(value)) for key, value in settings.items()])
 
     def load(self, table: str) -> list[dict]:
         """Every body of one of the tables (SETS, RETAINED, REMOVING)."""
