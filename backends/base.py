@@ -99,6 +99,11 @@ class Backend(abc.ABC):
         Creates nothing.
         """
 
+    def prepare(self, copies: list[ShadowCopyRef]) -> None:
+        """Look up, before the Commit, what `snapshot` of these copies needs from storage, so that
+        the Commit -- which the client's writers wait for, frozen -- only acts.  A hint: it never
+        raises, and `snapshot` works without it.  Storage that needs nothing looked up skips it."""
+
     @abc.abstractmethod
     def snapshot(self, copies: list[ShadowCopyRef]) -> None:
         """Take read-only snapshots of every copy's store, atomically per `group`, tagged as ours.

@@ -57,6 +57,13 @@ def copy_ref(scs: ShadowCopySet, copy: ShadowCopy) -> ShadowCopyRef:
     return ShadowCopyRef.of(scs.set_id, copy.copy_id, copy.store, copy.source)
 
 
+def _refs_by_backend(scs: ShadowCopySet) -> dict[str, list[ShadowCopyRef]]:
+    refs: dict[str, list[ShadowCopyRef]] = {}
+    for copy in scs.copies:
+        refs.setdefault(copy.store["backend"], []).append(copy_ref(scs, copy))
+    return refs
+
+
 def _audit(caller: Caller, request, decision, result: int) -> None:
     """One line per call: who (SMB session and RPC principal), from where, what, on which share,
     whether authorization let it through and why, and the HRESULT it got."""
@@ -342,8 +349,11 @@ class FsrvpService(Reconciliation):
 
     async def prepare_shadow_copy_set(self, request, caller):
         async with self.lock:
-            self._persist(self.machine.prepare(request.set_id, self.clock()))
+            scs = self.machine.prepare(request.set_id, self.clock())
+            self._persist(scs, synced=False)
             crash_point("prepare.persisted")
+            for backend_name, refs in _refs_by_backend(scs).items():
+                await asyncio.to_thread(self.backends[backend_name].prepare, refs)
         return m.failure_response(request, 0)
 
     async def _bounded(self, begin: Callable[[], ShadowCopySet],
@@ -410,12 +420,9 @@ class FsrvpService(Reconciliation):
 
     async def _snapshot(self, scs: ShadowCopySet) -> HResult:
         """Snapshot every copy, one backend call per backend; undo all of it on failure."""
-        refs_by_backend: dict[str, list[ShadowCopyRef]] = {}
-        for copy in scs.copies:
-            refs_by_backend.setdefault(copy.store["backend"], []).append(copy_ref(scs, copy))
         started = time.monotonic()
         try:
-            for backend_name, refs in refs_by_backend.items():
+            for backend_name, refs in _refs_by_backend(scs).items():
                 await asyncio.to_thread(self.backends[backend_name].snapshot, refs)
         except BackendError as exc:
             log.error("commit of set %s failed: %s", scs.set_id, exc)
