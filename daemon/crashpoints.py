@@ -31,9 +31,8 @@ POINTS = (
     "commit.intent",              # CreationInProgress recorded, no snapshot yet
     "commit.snapshotted",         # snapshots taken, the state does not say so yet
     "commit.persisted",           # Committed recorded, the client not answered yet
-    "expose.intent",              # the copy's share name recorded, no clone yet
-    "expose.cloned",              # clone made, its path not recorded yet
-    "expose.recorded",            # clone recorded, share not published yet
+    "expose.intent",              # every copy's share name recorded, no clone yet
+    "expose.cloned",              # a clone made, its path not recorded, its share not published yet
     "expose.published",           # share published, the set not Exposed in the state yet
     "expose.persisted",
     "recovery.intent",            # Recovered recorded, the copies still writable on storage

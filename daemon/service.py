@@ -446,18 +446,19 @@ class FsrvpService(Reconciliation):
 
     async def _expose(self, scs: ShadowCopySet, deadline: _Deadline) -> HResult:
         result = HResult.S_OK
+        for copy in scs.copies:
+            self.machine.expose_copy(scs.set_id, copy.copy_id)
+        # Intent: every copy's clone and share are about to exist.  Their paths are recorded with the
+        # outcome: a crash before it withdraws the whole exposure (reconcile.py), so one write serves.
+        self._persist(scs)
+        crash_point("expose.intent")
         try:
             for copy in scs.copies:
                 if deadline.late:
                     break
-                self.machine.expose_copy(scs.set_id, copy.copy_id)
-                self._persist(scs)  # intent: the clone and share of this copy are about to exist
-                crash_point("expose.intent")
                 backend = self.backends[copy.store["backend"]]
                 copy.exposed_path = await asyncio.to_thread(backend.expose, copy_ref(scs, copy), not copy.read_only)
                 crash_point("expose.cloned")
-                self._persist(scs)
-                crash_point("expose.recorded")
                 await self._publish(copy)
                 crash_point("expose.published")
         except (BackendError, FrontDoorError) as exc:
@@ -707,9 +708,10 @@ class FsrvpService(Reconciliation):
                                                       comment=f"shadow copy of {copy.share}", base=copy.share))
 
     async def _withdraw(self, scs: ShadowCopySet) -> None:
-        """Undo a half-made exposure: shares first, then the clones (snapshots stay)."""
+        """Undo a half-made exposure: shares first (of the copies exposed on storage: only those may
+        have been published), then the clones (snapshots stay)."""
         for copy in scs.copies:
-            if copy.exposed_name:
+            if copy.exposed_path:
                 await self._unpublish(copy.exposed_name)
         await self._remove_storage(scs, scs.copies, exposures_only=True)
 

@@ -46,7 +46,7 @@ def test_kill_matrix(fresh_daemon, case):
 
 # The points where btrfs storage is half made, half changed or half removed (the others only touch the state).
 BTRFS_KILL_CASES = [case for case in KILL_CASES if case.name in {
-    "commit.snapshotted", "commit.persisted", "expose.cloned", "expose.cloned:2", "expose.recorded", "expose.persisted",
+    "commit.snapshotted", "commit.persisted", "expose.cloned", "expose.cloned:2", "expose.published", "expose.persisted",
     "recovery.intent", "recovery.read_only", "delete.intent:2", "abort-abort.intent", "startup-reconcile.repair"}]
 
 

@@ -56,7 +56,6 @@ KILL_CASES = [
     KillCase("expose.intent", "backup", "Committed"),
     KillCase("expose.cloned", "backup", "Committed"),  # the clone exists, the state does not say so
     KillCase("expose.cloned:2", "backup", "Committed"),  # one copy fully exposed, the second cloned
-    KillCase("expose.recorded", "backup", "Committed"),  # the clone recorded, no share yet
     KillCase("expose.published", "backup", "Committed"),
     KillCase("expose.persisted", "backup", "Exposed"),
     KillCase("recovery.intent", "backup", "Recovered"),  # Recovered, but still writable on storage
