@@ -155,8 +155,9 @@ class BenchStorage:
         "commit": the set's snapshots (zfs: one atomic snapshot -- `zfs snapshot -r` of the set's
         parent, as zfs-fuse takes one name per call; btrfs: one `btrfs subvolume snapshot -r` per
         share). "exact": exactly the set's snapshots -- zfs-fuse, several shares: that and `zfs
-        destroy` of the parent's snapshot, timed on a snapshot of the parent alone. "exposed": the snapshots, then exposing each (zfs: a read-only clone; btrfs:
-        nothing, a snapshot is a directory): what must exist before Commit and Expose answer.
+        destroy` of the parent's snapshot, timed on a snapshot of the parent alone. "exposed": the
+        snapshots, then exposing each (zfs: a read-only clone; btrfs: nothing, a snapshot is a
+        directory): what must exist before Commit and Expose answer.
         "cycle": that, then removing everything again (tags not counted: the fastest cycle any
         server could run).
         """
