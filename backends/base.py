@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import uuid
+from typing import Callable
 
 
 class NotSupported(Exception):
@@ -105,11 +106,13 @@ class Backend(abc.ABC):
         raises, and `snapshot` works without it.  Storage that needs nothing looked up skips it."""
 
     @abc.abstractmethod
-    def snapshot(self, copies: list[ShadowCopyRef]) -> None:
+    def snapshot(self, copies: list[ShadowCopyRef]) -> Callable[[], None] | None:
         """Take read-only snapshots of every copy's store, atomically per `group`, tagged as ours.
 
         On failure nothing of this call is left behind (or what is left is tagged and removable by
-        `remove`), and BackendError is raised.
+        `remove`), and BackendError is raised.  On success, returns the storage work that may wait
+        until the client has its answer (the client's writers are frozen until then), or None; what
+        that work would remove carries our tags, so reconciliation removes it if it never runs.
         """
 
     @abc.abstractmethod

@@ -43,6 +43,7 @@ POINTS = (
     "prune.intent",               # a retained copy deleted from the state, its storage still there
     "expire.intent",              # the sequence timer's deletions recorded, storage still there
     "reap.intent",                # the exposure TTL's deletions recorded, storage still there
+    "answered.commit",            # a Commit answered, zfs-fuse's extra snapshots of `snapshot -r` not destroyed yet
     "answered.cleanup",           # a DeleteShareMapping answered, its copy's storage not removed yet (service._do_after_answer)
     "reconcile.repair",           # start-up reconciliation half-way through its repairs
     "reload.shares_synced",       # SIGHUP: base shares of the new configuration published, settings not applied

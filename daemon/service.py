@@ -421,16 +421,31 @@ class FsrvpService(Reconciliation):
     async def _snapshot(self, scs: ShadowCopySet) -> HResult:
         """Snapshot every copy, one backend call per backend; undo all of it on failure."""
         started = time.monotonic()
+        left: list[Callable[[], None]] = []
         try:
             for backend_name, refs in _refs_by_backend(scs).items():
-                await asyncio.to_thread(self.backends[backend_name].snapshot, refs)
+                left.append(await asyncio.to_thread(self.backends[backend_name].snapshot, refs))
         except BackendError as exc:
             log.error("commit of set %s failed: %s", scs.set_id, exc)
             await self._remove_storage(scs, scs.copies)
             return _failure_result(exc)
+        finally:
+            for work in filter(None, left):
+                self._do_after_answer(functools.partial(self._finish_snapshots, work))
         log.info("set %s: %d snapshot(s) in %.0f ms", scs.set_id, len(scs.copies),
                  (time.monotonic() - started) * 1000)
         return HResult.S_OK
+
+    async def _remove_deleted(self, scs: ShadowCopySet, copy: ShadowCopy) -> None:
+        """The storage of a copy whose DeleteShareMapping is answered (its removal is recorded)."""
+        crash_point("answered.cleanup")
+        await self._remove_storage(scs, [copy])
+
+    @staticmethod
+    async def _finish_snapshots(work: Callable[[], None]) -> None:
+        """What a backend's `snapshot` left for after the Commit's answer."""
+        crash_point("answered.commit")
+        await asyncio.to_thread(work)
 
     async def expose_shadow_copy_set(self, request, caller):
         scs, result = await self._bounded(lambda: self.machine.begin_expose(request.set_id, self.clock()),
@@ -550,7 +565,7 @@ class FsrvpService(Reconciliation):
                 await self._unpublish(copy.exposed_name)
             crash_point("delete.unpublished")
             if kept is None:
-                self._do_after_answer(functools.partial(self._remove_storage, scs, [copy]))
+                self._do_after_answer(functools.partial(self._remove_deleted, scs, copy))
             else:
                 self.retained[kept.copy_id] = kept
                 if not kept.keeps_exposure:
@@ -663,7 +678,8 @@ class FsrvpService(Reconciliation):
     # -- storage work the caller need not wait for ----------------------------------------------
     def _do_after_answer(self, work: Callable[[], Awaitable[None]]) -> None:
         """Queue storage work for after the call is answered: a backup application waits for each
-        DeleteShareMapping, but not for the `zfs destroy` of the copy (its removal is recorded)."""
+        DeleteShareMapping, but not for the `zfs destroy` of the copy (its removal is recorded),
+        and its writers, frozen during the Commit, not for what `snapshot` leaves (backends/base.py)."""
         self._after_answer.append((time.monotonic(), work))
         self._after_answer_queued.set()
 
@@ -693,7 +709,6 @@ class FsrvpService(Reconciliation):
             await self._run_queued()
 
     async def _run_queued(self) -> None:
-        crash_point("answered.cleanup")
         _, work = self._after_answer.popleft()
         try:
             await work()

@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 
+from tests.support.crash import wait_until
 from tests.support.daemon import ours_after_cleanup, ours_on_storage
 
 pytestmark = [pytest.mark.zfs, pytest.mark.samba_client]
@@ -103,8 +104,9 @@ def test_one_set_snapshots_several_shares(daemon):
     set_id, copies = create_expose(daemon, "ro", "vms", "sql")
     assert "vms at commit" in daemon.smbclient(f"vms@{{{copies['vms']}}}", "get a -")
     assert "sql at commit" in daemon.smbclient(f"sql@{{{copies['sql']}}}", "get b -")
-    snapshots = [name for name in ours_on_storage(daemon.pool) if "@" in name]
-    assert sorted(snapshots) == sorted(f"{daemon.datasets[s]}@fsrvpd-{set_id}" for s in ("vms", "sql"))
+    expected = sorted(f"{daemon.datasets[s]}@fsrvpd-{set_id}" for s in ("vms", "sql"))
+    # zfs-fuse snapshots the pool's root with them, destroyed once the Commit is answered and the calls pause
+    assert wait_until(lambda: sorted(name for name in ours_on_storage(daemon.pool) if "@" in name) == expected)
     delete(daemon, set_id, copies)
     assert ours_after_cleanup(daemon.pool) == []
 

@@ -63,6 +63,7 @@ KILL_CASES = [
     KillCase("delete.intent", "backup", "Recovered", copies=1),
     KillCase("delete.unpublished", "backup", "Recovered", copies=1),
     KillCase("delete.intent:2", "backup", None),
+    KillCase("answered.commit", "backup", "Committed"),  # the Commit answered, zfs-fuse's extra snapshots still there
     KillCase("answered.cleanup", "backup", "Recovered", copies=1),  # a Delete answered, its copy's storage still there
     KillCase("answered.cleanup:2", "backup", None),  # the set's last Delete answered, its storage still there
     KillCase("abort.intent", "abort", None),
