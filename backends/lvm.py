@@ -38,7 +38,6 @@ GObject introspection, so the CLI is the well-kept way here, as with ZFS.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import json
 import logging
@@ -47,12 +46,13 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from fsrvpd.backends.base import (MOUNT, SNAPSHOT, Backend, BackendError, FileStore, NotSupported, OwnedObject,
                                   ShadowCopyRef)
-from fsrvpd.backends.host import Mount, Mounter, StorageCommandError, is_below, read_mounts, remove_empty_directory, retry_while_busy
+from fsrvpd.backends.host import (Mount, Mounter, StorageCommandError, failing_as, is_below, read_mounts,
+                                  remove_empty_directory, retry_while_busy)
 from fsrvpd.runner import CommandFailed, CommandRunner
 
 log = logging.getLogger("fsrvpd.backends.lvm")
@@ -223,23 +223,13 @@ class LvmBackend(Backend):
         self.mount_root = mount_root
         self.snapshot_size = snapshot_size
 
-    @contextlib.contextmanager
-    def _failing_as(self, action: str) -> Iterator[None]:
-        """Report a command failure to the daemon as BackendError, keeping its out-of-space flag."""
-        try:
-            yield
-        except LvmError as exc:
-            raise BackendError(f"{action}: {exc}", out_of_space=exc.out_of_space) from exc
-        except CommandFailed as exc:
-            raise BackendError(f"{action}: {exc}") from exc
-
     # -- file stores -------------------------------------------------------------------------
 
     def file_store(self, path: str, configured: str | None = None) -> FileStore:
         path = os.path.realpath(path)
         mounts = read_mounts()
         on_top = next((m for m in reversed(mounts) if m.mountpoint == path), None)
-        with self._failing_as(f"looking up the logical volume of {path}"):
+        with failing_as(f"looking up the logical volume of {path}"):
             volumes = self.lvm.volumes()
         volume = self._volume_mounted_at(path, on_top, mounts, volumes, configured)
         if on_top.fstype not in MOUNT_OPTIONS:
@@ -281,7 +271,7 @@ class LvmBackend(Backend):
     # -- snapshots ---------------------------------------------------------------------------
 
     def snapshot(self, copies: list[ShadowCopyRef]) -> None:
-        with self._failing_as("reading the volumes to snapshot"):
+        with failing_as("reading the volumes to snapshot"):
             volumes = self._volumes(copy.store.name.split("/")[0] for copy in copies)
         sizes = {copy.copy_id: self._cow_size(copy, volumes) for copy in copies}
         self._check_free_space(copies, sizes, volumes)
@@ -347,7 +337,7 @@ class LvmBackend(Backend):
         name, mountpoint = snapshot_lv_name(copy), self._mountpoint(copy)
         if copy.source is not None:
             raise BackendError(f"exposing an existing LVM snapshot ({copy.source}) is not supported")
-        with self._failing_as(f"exposing {name}"):
+        with failing_as(f"exposing {name}"):
             snapshot = self._snapshot_of(copy)
             if snapshot is None:
                 raise BackendError(f"snapshot {name} does not exist")
@@ -374,7 +364,7 @@ class LvmBackend(Backend):
     def make_read_only(self, copy: ShadowCopyRef) -> None:
         """Remount read-only first (the file system flushes), then make the LV itself read-only."""
         name, mountpoint = snapshot_lv_name(copy), self._mountpoint(copy)
-        with self._failing_as(f"making {name} read-only"):
+        with failing_as(f"making {name} read-only"):
             mounted = _mount_at(mountpoint)
             if mounted is not None and "rw" in mounted.options:
                 self.mounter.remount_read_only(mountpoint)
@@ -386,7 +376,7 @@ class LvmBackend(Backend):
 
     def failing(self, copies: list[ShadowCopyRef]) -> dict[uuid.UUID, str]:
         """Copies whose classic snapshot overflowed, with the reason (one `lvs` for all of them)."""
-        with self._failing_as("checking the snapshots"):
+        with failing_as("checking the snapshots"):
             volumes = self._volumes(snapshot_lv_name(copy).split("/")[0] for copy in copies)
         broken = {}
         for copy in copies:
@@ -398,7 +388,7 @@ class LvmBackend(Backend):
     def pool_space(self, store: FileStore) -> dict[str, int]:
         """The thin pool's data space for a thin volume, the VG's space for a classic one."""
         vg, _, pool = store.group.partition("/")
-        with self._failing_as(f"reading the space of {store.group}"):
+        with failing_as(f"reading the space of {store.group}"):
             volumes = self._volumes([vg])
         if pool:
             found = volumes.get(store.group)
@@ -411,7 +401,7 @@ class LvmBackend(Backend):
 
     def usage(self, copy: ShadowCopyRef) -> dict[str, int]:
         """Bytes the copy's snapshot holds (data_percent of its size), for metrics; {} if it is gone."""
-        with self._failing_as(f"reading the space used by copy {copy.copy_id}"):
+        with failing_as(f"reading the space used by copy {copy.copy_id}"):
             snapshot = self._snapshot_of(copy)
         if snapshot is None or snapshot.data_percent is None:
             return {}
@@ -426,7 +416,7 @@ class LvmBackend(Backend):
         self._remove(copy, keep_snapshot=False)
 
     def _remove(self, copy: ShadowCopyRef, keep_snapshot: bool) -> None:
-        with self._failing_as(f"removing shadow copy {copy.copy_id}"):
+        with failing_as(f"removing shadow copy {copy.copy_id}"):
             snapshot = self._snapshot_of(copy)
             if snapshot is not None:
                 self._unmount(snapshot)
@@ -446,7 +436,7 @@ class LvmBackend(Backend):
         mounts first (a snapshot cannot go while it is mounted)."""
         if shutil.which("lvs") is None:  # no lvm2 on this host: nothing of ours either
             return []
-        with self._failing_as("listing fsrvpd's snapshots"):
+        with failing_as("listing fsrvpd's snapshots"):
             volumes = self.lvm.volumes()
         mounts = [mount for mount in read_mounts() if is_below(mount.mountpoint, self.mount_root)]
         objects = []
@@ -467,7 +457,7 @@ class LvmBackend(Backend):
         return sorted(objects, key=lambda obj: (obj.kind == SNAPSHOT, obj.name))
 
     def remove_owned(self, obj: OwnedObject) -> None:
-        with self._failing_as(f"removing {obj.kind} {obj.name}"):
+        with failing_as(f"removing {obj.kind} {obj.name}"):
             if obj.kind == MOUNT:  # an exposure nothing wants: its snapshot may still be kept
                 if _mount_at(obj.name) is not None:
                     self.mounter.unmount(obj.name)
