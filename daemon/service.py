@@ -419,9 +419,10 @@ class FsrvpService(Reconciliation):
         return result
 
     async def _snapshot(self, scs: ShadowCopySet) -> HResult:
-        """Snapshot every copy, one backend call per backend; undo all of it on failure."""
+        """Snapshot every copy, one backend call per backend; undo all of it on failure.  What the
+        backends leave for after the answer is queued (`_do_after_answer`)."""
         started = time.monotonic()
-        left: list[Callable[[], None]] = []
+        left: list[Callable[[], None] | None] = []
         try:
             for backend_name, refs in _refs_by_backend(scs).items():
                 left.append(await asyncio.to_thread(self.backends[backend_name].snapshot, refs))
