@@ -43,11 +43,11 @@ def _floor(results: dict, backend: str, size: int | str, part: str, many: bool =
     return _p50(floors.get(str(size), {}).get(part))
 
 
-def _exact_floor(results: dict, backend: str, size: int | str, many: bool = False) -> float | None:
-    """The storage's time for exactly the set's snapshots, where that is more than the raw floor
-    (zfs-fuse: the parent's snapshot of `zfs snapshot -r` destroyed); None elsewhere."""
-    exact = _floor(results, backend, size, "exact", many)
-    return exact if exact is not None and exact > (_floor(results, backend, size, "commit", many) or 0) else None
+def _cheapest_call(results: dict, backend: str, size: int | str) -> float | None:
+    """The p50 of the cheapest call (GetSupportedVersion) of any server: the client, SMB and RPC stack alone."""
+    values = [_p50(_op(results, backend, server, size, "GetSupportedVersion")) for server in results["servers"][backend]]
+    values = [value for value in values if value is not None]
+    return min(values) if values else None
 
 
 def _ours(results: dict, backend: str) -> list[str]:
@@ -66,10 +66,8 @@ def cycle_floor(results: dict, backend: str, size: int, server: str | None = Non
     latency (client, SMB and RPC stack alone), plus the storage commands that must have run before
     Commit and Expose answer (the snapshots and their exposures; removal may follow the answers,
     as both servers do it), plus, for `server` behind smbd, Samba's tools for each share."""
-    cheapest = [_p50(_op(results, backend, other, size, "GetSupportedVersion"))
-                for other in results["servers"][backend]]
-    cheapest = [value for value in cheapest if value is not None]
-    protocol = calls_per_cycle(size) * min(cheapest) if cheapest else None
+    cheapest = _cheapest_call(results, backend, size)
+    protocol = calls_per_cycle(size) * cheapest if cheapest is not None else None
     storage = _floor(results, backend, size, "exposed")
     tools = size * (share_tools_ms(results, backend, server) or 0) if server else 0
     return {"protocol_ms": protocol, "storage_ms": storage,
@@ -100,11 +98,12 @@ def targets(results: dict) -> list[dict[str, Any]]:
             commit, floor = _p50(_op(results, backend, ours, largest, COMMIT)), _floor(results, backend, largest, "commit")
             check = {"target": f"{backend}, {ours}: Commit of {largest} shares ÷ the raw floor",
                      "limit": TARGET_COMMIT_OVER_FLOOR, "value": _ratio(commit, floor)}
-            exact = _exact_floor(results, backend, largest)
-            if exact is not None:
-                check["why"] = (f"the storage's limit: zfs-fuse takes one snapshot name per call, so exactly these "
-                                f"{largest} datasets take `zfs snapshot -r` of their parent and `zfs destroy` of the "
-                                f"parent's snapshot, {exact:.0f} ms; Commit ÷ that: {_ratio(commit, exact):.2f}×")
+            tagged, call = _floor(results, backend, largest, "tagged"), _cheapest_call(results, backend, largest)
+            if tagged is not None and call is not None:
+                check["why"] = (f"the least a Commit call takes on this storage: the snapshots with the ownership tag "
+                                f"fsrvpd sets as they are taken (`zfs snapshot -o`, {tagged:.0f} ms) and one call at "
+                                f"the cheapest call's latency ({call:.1f} ms); Commit ÷ that: "
+                                f"{_ratio(commit, tagged + call):.2f}×")
             checks.append(check)
             many = results["many_snapshots"].get(backend)
             if many:
@@ -115,10 +114,11 @@ def targets(results: dict) -> list[dict[str, Any]]:
                                          _p50(_op(results, backend, ours, size, COMMIT)))}
                 storage = _ratio(_floor(results, backend, size, "commit", many=True),
                                  _floor(results, backend, size, "commit"))
-                exact = _ratio(_exact_floor(results, backend, size, many=True), _exact_floor(results, backend, size))
+                tagged = _ratio(_floor(results, backend, size, "tagged", many=True),
+                                _floor(results, backend, size, "tagged"))
                 if storage is not None:
                     check["why"] = f"the storage alone (raw floor): {storage:.2f}×" + (
-                        f", exactly the set's snapshots (zfs-fuse, see above): {exact:.2f}×" if exact else "")
+                        f", tagged as fsrvpd tags them: {tagged:.2f}×" if tagged else "")
                 checks.append(check)
     rss = results.get("rss")
     if rss:
@@ -158,10 +158,10 @@ def table_rows(results: dict) -> list[list[str]]:
             rows += [row(backend, size, operation) for operation in (*OPERATIONS, CYCLE, SETTLED)]
             rows.append(commit_floor_row(backend, size, "floor: the snapshots alone (Commit ÷ floor →)",
                                          _floor(results, backend, size, "commit")))
-            exact = _exact_floor(results, backend, size)
-            if exact is not None:
-                rows.append(commit_floor_row(backend, size, "floor: exactly the set's snapshots, zfs-fuse (+ destroying "
-                                             "the parent's snapshot of snapshot -r; Commit ÷ floor →)", exact))
+            tagged = _floor(results, backend, size, "tagged")
+            if tagged is not None:
+                rows.append(commit_floor_row(backend, size, "floor: the snapshots with a tag set as they are taken "
+                                             "(`zfs snapshot -o`; Commit ÷ floor →)", tagged))
             floor = cycle_floor(results, backend, size)
             if floor["total_ms"] is not None:
                 rows.append([backend, str(size), f"floor: full cycle ({calls_per_cycle(size)} calls at the cheapest "
@@ -180,10 +180,10 @@ def table_rows(results: dict) -> list[list[str]]:
             rows[-1][2] = f"{operation}, {many['snapshots']} snapshots on the storage"
         rows.append([backend, str(size), f"floor: the snapshots alone, {many['snapshots']} snapshots",
                      _ms(_floor(results, backend, size, "commit", many=True)), *blank[1:]])
-        exact = _exact_floor(results, backend, size, many=True)
-        if exact is not None:
-            rows.append([backend, str(size), f"floor: exactly the set's snapshots, {many['snapshots']} snapshots",
-                         _ms(exact), *blank[1:]])
+        tagged = _floor(results, backend, size, "tagged", many=True)
+        if tagged is not None:
+            rows.append([backend, str(size), f"floor: the snapshots with a tag, {many['snapshots']} snapshots",
+                         _ms(tagged), *blank[1:]])
     rss = results.get("rss")
     if rss:
         for sets, kib in rss["kib"].items():
