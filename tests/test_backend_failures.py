@@ -14,8 +14,8 @@ from fsrvpd import messages as m
 from fsrvpd.client import FsrvpError
 from fsrvpd.constants import Context, HResult
 from tests.support.consistency import problems
-from tests.support.crash import destroy_behind_its_back, wait_until
-from tests.support.daemon import FsrvpDaemon, ours_on_storage
+from tests.support.crash import destroy_behind_its_back
+from tests.support.daemon import FsrvpDaemon, ours_on_storage, wait_until
 from tests.support.zfs import FilePool, fill, hanging_zfs
 
 pytestmark = pytest.mark.zfs

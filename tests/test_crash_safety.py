@@ -22,8 +22,8 @@ from fsrvpd.constants import ATTR_AUTO_RECOVERY, HResult
 from fsrvpd.crashpoints import ENVIRONMENT_VARIABLE
 from tests.support.btrfs import BtrfsDaemon
 from tests.support.consistency import problems
-from tests.support.crash import KILL_CASES, destroy_behind_its_back, full_cycle, run_kill_case, wait_until
-from tests.support.daemon import FsrvpDaemon, ours_on_storage
+from tests.support.crash import KILL_CASES, destroy_behind_its_back, full_cycle, run_kill_case
+from tests.support.daemon import FsrvpDaemon, ours_on_storage, wait_until
 from tests.support.net import SourceAddressRelay
 from tests.support.zfs import FilePool, zfs
 

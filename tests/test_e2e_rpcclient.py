@@ -13,8 +13,7 @@ import uuid
 
 import pytest
 
-from tests.support.crash import wait_until
-from tests.support.daemon import ours_after_cleanup, ours_on_storage
+from tests.support.daemon import ours_after_cleanup, ours_on_storage, wait_until
 
 pytestmark = [pytest.mark.zfs, pytest.mark.samba_client]
 

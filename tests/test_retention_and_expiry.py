@@ -19,8 +19,7 @@ from fsrvpd.constants import ATTR_AUTO_RECOVERY, Context
 from fsrvpd.state import Refused
 from fsrvpd.transports.base import ShareSpec
 from tests.support.consistency import accepts_writes, problems
-from tests.support.crash import wait_until
-from tests.support.daemon import FsrvpDaemon, ours_on_storage
+from tests.support.daemon import FsrvpDaemon, ours_on_storage, wait_until
 from tests.support.inprocess import InProcessFsrvpd
 
 pytestmark = pytest.mark.zfs

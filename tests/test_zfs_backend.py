@@ -178,12 +178,17 @@ def test_set_of_three_datasets_is_one_snapshot_each_and_nothing_else(zfs_pool, b
         assert read(os.path.join(exposed, "data")) == f"old {copy.store.mountpoint}"
 
 
+def skip_without_extra_snapshots(backend: ZfsBackend) -> None:
+    """The extra snapshots of `snapshot -r` exist on zfs-fuse only (OpenZFS names every dataset)."""
+    if backend.zfs.takes_several_snapshots():
+        pytest.skip("this zfs snapshots the set's datasets by name, with no extra snapshots")
+
+
 def test_a_filesystem_made_between_prepare_and_commit_keeps_a_snapshot_for_reconciliation(zfs_pool, backend):
     """zfs-fuse: the Commit destroys the extra snapshots of its `snapshot -r` that Prepare listed; a
     filesystem made after that keeps its snapshot, tagged with the set, which `owned` reports as
     the snapshot of a store no copy of the set has (reconciliation removes such orphans)."""
-    if backend.zfs.takes_several_snapshots():
-        pytest.skip("this zfs snapshots the set's datasets by name, with no extra snapshots")
+    skip_without_extra_snapshots(backend)
     paths = [zfs_pool.dataset(name)[1] for name in ("vms", "db")]
     zfs_pool.dataset("scratch")
     copies = copies_of(backend, paths)
@@ -199,8 +204,7 @@ def test_a_filesystem_made_between_prepare_and_commit_keeps_a_snapshot_for_recon
 def test_extra_snapshots_wait_for_the_answer_except_those_of_our_clones(zfs_pool, backend):
     """zfs-fuse: of the extra snapshots of `snapshot -r`, those of our clones go within the Commit
     (they would block the clones' removal); the others are left to the work `snapshot` returns."""
-    if backend.zfs.takes_several_snapshots():
-        pytest.skip("this zfs snapshots the set's datasets by name, with no extra snapshots")
+    skip_without_extra_snapshots(backend)
     paths = [zfs_pool.dataset(name)[1] for name in ("vms", "db")]
     [earlier] = copies_of(backend, paths[:1])
     backend.snapshot([earlier])

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import time
 import uuid
 from typing import Callable
 
@@ -24,7 +23,7 @@ from fsrvpd.client import FsrvpClient
 from fsrvpd.constants import ATTR_AUTO_RECOVERY
 from fsrvpd.crashpoints import ENVIRONMENT_VARIABLE
 from tests.support.consistency import problems
-from tests.support.daemon import NETBIOS_NAME, PASSWORD, USER, FsrvpDaemon, ours_on_storage
+from tests.support.daemon import NETBIOS_NAME, PASSWORD, USER, FsrvpDaemon, ours_on_storage, wait_until
 from tests.support.zfs import zfs
 
 SHARES = ("vms", "sql")
@@ -256,15 +255,6 @@ def run_kill_case(daemon: FsrvpDaemon, case: KillCase) -> None:
     if case.flow == "reload":
         with daemon.client() as client:
             assert client.is_path_supported("db")[0]  # the new share of the reloaded file
-
-
-def wait_until(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def destroy_behind_its_back(dataset: str) -> None:

@@ -16,7 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -183,12 +183,7 @@ class FsrvpDaemon:
     def removals_done(self, seconds: float = 30.0) -> bool:
         """Wait until the daemon removed the storage of every copy it recorded as being removed: it
         does so right after answering DeleteShareMapping (a busy clone: at its next reconciliation)."""
-        deadline = time.monotonic() + seconds
-        while self.being_removed():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
-        return True
+        return wait_until(lambda: not self.being_removed(), seconds)
 
     def being_removed(self) -> list[dict]:
         """The copies the daemon recorded as being removed: deleted, their storage not yet gone."""
@@ -233,6 +228,16 @@ class RawPipe:
 def ours_on_storage(pool) -> list[str]:
     """Everything on the test's storage (a FilePool, FileBtrfs, ...) that fsrvpd made."""
     return pool.ours()
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
+    """Whether `condition` held within `seconds` (asked every 0.2 s)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def ours_after_cleanup(pool, seconds: float = CLEANUP_SECONDS) -> list[str]:
