@@ -9,7 +9,8 @@ Phases, on one file-backed zfs-fuse pool and one loop-mounted btrfs (bench/stora
      the servers run one after another (two fsrvpd instances on one pool would each take the
      other's snapshots for its own orphans); the raw floor of each set (the snapshots alone, and
      every storage command of a cycle, straight through the storage's command line) takes a turn
-     after each of the first server's measured cycles;
+     after each measured cycle of every server, so that each server's Commit can be set against
+     what the storage did in the same minutes (a shared machine's disk is not steady);
   2. 10,000 snapshots are added on each backend (100 per `zfs snapshot -r`; btrfs by ioctl), then
      the 8-share cycles and floors again;
   3. fsrvpd's resident memory (embedded front door) with 0 and with 1,000 exposed, recovered sets.
@@ -37,7 +38,7 @@ from importlib import metadata
 from pathlib import Path
 
 from bench import report
-from bench.measure import SETTLED, TimedClient, cycle_with_retries, rss_kib, summary
+from bench.measure import FLOOR_AFTER, SETTLED, TimedClient, cycle_with_retries, rss_kib, summary
 from bench.servers import FSRVPD_FRONT_DOORS, REFERENCE, SERVER_NAME, SERVERS, Endpoint, serves
 from bench.storage import BACKENDS, SET_SIZES, BenchStorage
 from fsrvpd import __version__
@@ -108,8 +109,10 @@ def cycles_phase(storage: BenchStorage, workdir: Path, backend: str, sizes: tupl
                     client.samples[SETTLED].append(storage.settle(backend, size))
                     if turn == 0:
                         client.samples.clear()
-                    elif server == servers[0]:
-                        floors.setdefault(str(size), []).append(storage.floor(backend, size))
+                        continue
+                    floor = storage.floor(backend, size)
+                    client.samples[FLOOR_AFTER].append(floor["commit"])
+                    floors.setdefault(str(size), []).append(floor)
                 measured.setdefault(server, {})[str(size)] = {
                     operation: summary(values) for operation, values in client.samples.items() if values}
                 client.samples.clear()

@@ -23,6 +23,7 @@ OPERATIONS = ("GetSupportedVersion", "IsPathSupported", "IsPathShadowCopied", "S
               "GetShareMapping", "RecoveryCompleteShadowCopySet", "DeleteShareMapping")
 CYCLE = "full cycle"
 SETTLED = "storage removed, after the last answer"  # bench storage.settle
+FLOOR_AFTER = "the snapshots alone, right after the cycle"  # bench storage.floor's "commit", in this server's turn
 
 
 class TimedClient(FsrvpClient):
