@@ -21,6 +21,7 @@ import fcntl
 import os
 import time
 import uuid
+from collections.abc import Callable
 
 from tests.support.btrfs import FileBtrfs, ensure_btrfs
 from tests.support.lvm import run
@@ -31,6 +32,7 @@ BACKENDS = ("zfs", "btrfs")
 FILLER_CHILDREN = 100  # zfs: pre-existing snapshots are made 100 per call, by `zfs snapshot -r` of a parent
 FILLER_SNAPSHOTS = "filler-snapshots"  # btrfs: the directory of the pre-existing snapshots
 BUSY_SECONDS = 10.0  # zfs-fuse calls a clone nobody uses busy now and then; a try a few ms later succeeds
+DROP_SECONDS = 60.0  # btrfs: the longest the bench waits for deleted subvolumes to be dropped
 
 # BTRFS_IOC_SNAP_CREATE_V2 = _IOW(0x94, 23, struct btrfs_ioctl_vol_args_v2), a 4096-byte struct.
 _BTRFS_IOC_SNAP_CREATE_V2 = 0x50009417
@@ -52,6 +54,11 @@ def destroy_when_not_busy(name: str) -> None:
             if "busy" not in str(exc) or time.monotonic() > deadline:
                 raise
         time.sleep(0.01)
+
+
+def _wait_until(done: Callable[[], bool], deadline: float) -> None:
+    while not done() and time.perf_counter() < deadline:
+        time.sleep(0.02)
 
 
 def share_name(size: int, index: int) -> str:
@@ -120,17 +127,20 @@ class BenchStorage:
         Samba's detached `zfs destroy`). Waited for between cycles, so that no cycle pays for
         the one before it, and reported beside the cycle time."""
         started = time.perf_counter()
-        while self._left_of_set(backend, size) and time.perf_counter() - started < limit_seconds:
-            time.sleep(0.02)
-        self._cleaned(backend)
+        deadline = started + limit_seconds
+        _wait_until(lambda: not self._left_of_set(backend, size), deadline)
+        if backend == "btrfs":
+            self._dropped(deadline)
         return time.perf_counter() - started
 
-    def _cleaned(self, backend: str) -> None:
-        """btrfs: wait until the kernel has finished dropping the deleted subvolumes (`btrfs subvolume
-        sync`). A deleted subvolume leaves the listing at once, but its trees are freed later, in the
-        background, and with many snapshots on the file system that work slows the next snapshots."""
-        if backend == "btrfs":
-            run("btrfs", "subvolume", "sync", self.btrfs.mountpoint)
+    def _dropped(self, deadline: float) -> None:
+        """btrfs: wait until the kernel has dropped the deleted subvolumes. A deleted subvolume leaves
+        the listing at once, but its trees are freed later by the cleaner, which a transaction commit
+        wakes -- and an idle file system may not commit for minutes. Left to run during the next
+        cycle, that work slows its snapshots, the more so with many snapshots on the file system.
+        (`btrfs subvolume sync` checks once a second: too coarse for a settle time in milliseconds.)"""
+        run("btrfs", "filesystem", "sync", self.btrfs.mountpoint)
+        _wait_until(lambda: not run("btrfs", "subvolume", "list", "-d", self.btrfs.mountpoint).strip(), deadline)
 
     def _left_of_set(self, backend: str, size: int) -> list[str]:
         """`_left`, listing on zfs only where a cycle of that set leaves objects (not the filler)."""
@@ -199,7 +209,7 @@ class BenchStorage:
             committed = exposed = time.perf_counter()
             run("btrfs", "subvolume", "delete", *(os.path.join(target, name) for name in shares))
             os.rmdir(target)
-            self._cleaned(backend)
+            self._dropped(time.perf_counter() + DROP_SECONDS)
             finished = time.perf_counter()
             tagged = None
         return {"commit": committed - started, "exposed": exposed - started, "cycle": finished - started,
