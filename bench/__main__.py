@@ -5,7 +5,8 @@ Phases, on one file-backed zfs-fuse pool and one loop-mounted btrfs (bench/stora
      fsrvpd in each front-door mode -- on btrfs once fsrvpd has that backend -- and Samba's
      rpcd_fsrvp), one client connection per server, one warm-up cycle, then N measured cycles;
      after each cycle the bench waits until the cycle's snapshots and clones are gone (both
-     servers destroy them after answering DeleteShareMapping) and reports that wait too;
+     servers destroy them after answering DeleteShareMapping; on btrfs until the kernel has
+     dropped the deleted subvolumes) and reports that wait too;
      the servers run one after another (two fsrvpd instances on one pool would each take the
      other's snapshots for its own orphans); the raw floor of each set (the snapshots alone, and
      every storage command of a cycle, straight through the storage's command line) takes a turn
