@@ -125,7 +125,8 @@ def _many_snapshots_check(results: dict, backend: str, ours: str, many: dict) ->
     each of this server's cycles, slowed down so much between the two runs that Commit ÷ the
     storage's slow-down is within the limit: the rest of the slow-down is the storage's."""
     size = many["shares"]
-    value = _ratio(_p50(_op(results, backend, ours, size, COMMIT, many=True)), _p50(_op(results, backend, ours, size, COMMIT)))
+    value = _ratio(_p50(_op(results, backend, ours, size, COMMIT, many=True)),
+                   _p50(_op(results, backend, ours, size, COMMIT)))
     check = {"target": f"{backend}, {ours}: Commit of {size} shares with {many['snapshots']} snapshots on the storage "
                        "÷ with none", "limit": TARGET_MANY_SNAPSHOTS, "value": value}
     with_many, without = (_p50(_op(results, backend, ours, size, FLOOR_AFTER, many=flag)) for flag in (True, False))
