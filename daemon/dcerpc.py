@@ -59,6 +59,7 @@ DEFAULT_MAX_CALL_BYTES = 1 << 20
 DEFAULT_SECONDARY_ADDRESS = "\\PIPE\\" + PIPE_NAME
 
 _COMMON_HEADER = struct.Struct("<BBBB4sHHI")  # rpc_vers, minor, ptype, pfc_flags, drep, frag, auth, call_id
+_PTYPE_OFFSET = 2  # of ptype in _COMMON_HEADER
 _REQUEST_HEADER = struct.Struct("<IHH")  # alloc_hint, p_cont_id, opnum
 _RESPONSE_HEADER = struct.Struct("<IHBB")  # alloc_hint, p_cont_id, cancel_count, reserved
 _FAULT_BODY = struct.Struct("<IHBBII")  # alloc_hint, p_cont_id, cancel_count, reserved, status, reserved
@@ -122,6 +123,7 @@ class PfcFlag(enum.IntFlag):
 
 
 _WHOLE_PDU = PfcFlag.FIRST_FRAG | PfcFlag.LAST_FRAG
+_AUTHENTICATING_PDUS = frozenset({PduType.BIND, PduType.ALTER_CONTEXT, PduType.AUTH3})
 
 
 class BindNakReason(enum.IntEnum):
@@ -468,6 +470,13 @@ class ServerConnection:
         if self._take_outstanding(call):
             self._outbox += _fault(call.call_id, call.context_id, status,
                                    did_not_execute=status == NCA_S_OP_RNG_ERROR)
+
+    def may_authenticate(self, data: bytes) -> bool:
+        """Whether `receive_data(data)` may check a leg of RPC authentication, where a security
+        provider may look an account up outside the process (so the caller can run it off its event
+        loop): the PDU that `data` starts or completes is a bind, alter-context or auth3."""
+        head = bytes(self._inbox[:_PTYPE_OFFSET + 1]) + data[:_PTYPE_OFFSET + 1]
+        return len(head) > _PTYPE_OFFSET and head[_PTYPE_OFFSET] in _AUTHENTICATING_PDUS
 
     def data_to_send(self) -> bytes:
         """Drain the bytes waiting for the peer."""

@@ -32,10 +32,6 @@ log = logging.getLogger("fsrvpd.rpc")
 
 READ_SIZE = 65536
 _LEVEL_SETTING = {level: name for name, level in MIN_AUTH_LEVELS.items()}
-# The PDUs that carry a leg of RPC authentication: checking one may look the client's account up
-# outside the process (behind smbd: Samba's passdb, through pdbedit).
-_AUTHENTICATING_PDUS = {dcerpc.PduType.BIND, dcerpc.PduType.ALTER_CONTEXT, dcerpc.PduType.AUTH3}
-_PDU_TYPE_OFFSET = 2
 
 
 def security_providers(accounts: Accounts, domain: str, server_name: str,
@@ -146,10 +142,10 @@ async def serve_pipe(service: FsrvpService, reader: asyncio.StreamReader, writer
 
 
 async def receive(connection: dcerpc.ServerConnection, data: bytes) -> list[dcerpc.Event]:
-    """The PDU layer's events for `data`. Data that starts an authenticating PDU is handed to the
-    layer in a worker thread: an account lookup there must not stall every other pipe's calls.
-    (Data split mid-PDU -- the embedded door's stream, whose accounts are in memory -- stays inline.)"""
-    if len(data) > _PDU_TYPE_OFFSET and data[_PDU_TYPE_OFFSET] in _AUTHENTICATING_PDUS:
+    """The PDU layer's events for `data`, in a worker thread when it may check a leg of RPC
+    authentication: behind smbd the account lookup runs Samba's pdbedit, which must not stall every
+    other pipe's calls."""
+    if connection.may_authenticate(data):
         return await asyncio.to_thread(connection.receive_data, data)
     return connection.receive_data(data)
 

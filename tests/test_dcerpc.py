@@ -217,6 +217,20 @@ def test_rpcclient_bind_is_acknowledged():
     assert ack.results == [(ACCEPTANCE, 0, NDR)]
 
 
+def test_the_pdus_that_may_authenticate_are_named_before_they_are_taken():
+    """bind, alter-context and auth3 carry security legs (rpcserver takes them off the event loop),
+    also when they arrive in pieces; requests do not."""
+    connection = new_connection()
+    assert connection.may_authenticate(RPCCLIENT_BIND)
+    assert not connection.may_authenticate(RPCCLIENT_BIND[:2])  # not yet known
+    connection.receive_data(RPCCLIENT_BIND[:1])
+    assert connection.may_authenticate(RPCCLIENT_BIND[1:])  # the rest completes a bind
+    connection.receive_data(RPCCLIENT_BIND[1:])
+    assert connection.may_authenticate(alter(context(1, FSRVP, NDR)))
+    assert connection.may_authenticate(pdu(AUTH3, bytes(4)))
+    assert not connection.may_authenticate(request(2, b"stub"))
+
+
 def test_windows_bind_answers_each_context():
     connection = new_connection()
     _, pdus = exchange(connection, bind(context(0, FSRVP, NDR), context(1, FSRVP, NDR64),
