@@ -21,9 +21,9 @@ import fcntl
 import os
 import time
 import uuid
-from collections.abc import Callable
 
 from tests.support.btrfs import FileBtrfs, ensure_btrfs
+from tests.support.daemon import wait_until
 from tests.support.lvm import run
 from tests.support.zfs import FilePool, ensure_zfs, zfs
 
@@ -33,6 +33,7 @@ FILLER_CHILDREN = 100  # zfs: pre-existing snapshots are made 100 per call, by `
 FILLER_SNAPSHOTS = "filler-snapshots"  # btrfs: the directory of the pre-existing snapshots
 BUSY_SECONDS = 10.0  # zfs-fuse calls a clone nobody uses busy now and then; a try a few ms later succeeds
 DROP_SECONDS = 60.0  # btrfs: the longest the bench waits for deleted subvolumes to be dropped
+POLL_SECONDS = 0.02  # how often settling asks the storage: its wait is reported in milliseconds
 
 # BTRFS_IOC_SNAP_CREATE_V2 = _IOW(0x94, 23, struct btrfs_ioctl_vol_args_v2), a 4096-byte struct.
 _BTRFS_IOC_SNAP_CREATE_V2 = 0x50009417
@@ -54,11 +55,6 @@ def destroy_when_not_busy(name: str) -> None:
             if "busy" not in str(exc) or time.monotonic() > deadline:
                 raise
         time.sleep(0.01)
-
-
-def _wait_until(done: Callable[[], bool], deadline: float) -> None:
-    while not done() and time.perf_counter() < deadline:
-        time.sleep(0.02)
 
 
 def share_name(size: int, index: int) -> str:
@@ -127,20 +123,20 @@ class BenchStorage:
         Samba's detached `zfs destroy`). Waited for between cycles, so that no cycle pays for
         the one before it, and reported beside the cycle time."""
         started = time.perf_counter()
-        deadline = started + limit_seconds
-        _wait_until(lambda: not self._left_of_set(backend, size), deadline)
+        wait_until(lambda: not self._left_of_set(backend, size), limit_seconds, every=POLL_SECONDS)
         if backend == "btrfs":
-            self._dropped(deadline)
+            self._dropped(limit_seconds - (time.perf_counter() - started))
         return time.perf_counter() - started
 
-    def _dropped(self, deadline: float) -> None:
+    def _dropped(self, limit_seconds: float) -> None:
         """btrfs: wait until the kernel has dropped the deleted subvolumes. A deleted subvolume leaves
         the listing at once, but its trees are freed later by the cleaner, which a transaction commit
         wakes -- and an idle file system may not commit for minutes. Left to run during the next
         cycle, that work slows its snapshots, the more so with many snapshots on the file system.
         (`btrfs subvolume sync` checks once a second: too coarse for a settle time in milliseconds.)"""
         run("btrfs", "filesystem", "sync", self.btrfs.mountpoint)
-        _wait_until(lambda: not run("btrfs", "subvolume", "list", "-d", self.btrfs.mountpoint).strip(), deadline)
+        wait_until(lambda: not run("btrfs", "subvolume", "list", "-d", self.btrfs.mountpoint).strip(), limit_seconds,
+                   every=POLL_SECONDS)
 
     def _left_of_set(self, backend: str, size: int) -> list[str]:
         """`_left`, listing on zfs only where a cycle of that set leaves objects (not the filler)."""
@@ -209,7 +205,7 @@ class BenchStorage:
             committed = exposed = time.perf_counter()
             run("btrfs", "subvolume", "delete", *(os.path.join(target, name) for name in shares))
             os.rmdir(target)
-            self._dropped(time.perf_counter() + DROP_SECONDS)
+            self._dropped(DROP_SECONDS)
             finished = time.perf_counter()
             tagged = None
         return {"commit": committed - started, "exposed": exposed - started, "cycle": finished - started,

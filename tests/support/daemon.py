@@ -230,13 +230,13 @@ def ours_on_storage(pool) -> list[str]:
     return pool.ours()
 
 
-def wait_until(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
-    """Whether `condition` held within `seconds` (asked every 0.2 s)."""
+def wait_until(condition: Callable[[], bool], seconds: float = 30.0, every: float = 0.2) -> bool:
+    """Whether `condition` held within `seconds` (asked every `every` seconds)."""
     deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.2)
+        time.sleep(every)
     return True
 
 
