@@ -18,6 +18,7 @@ from impacket.uuid import uuidtup_to_bin
 
 from . import messages as m
 from .constants import ATTR_AUTO_RECOVERY, FSRVP_INTERFACE_UUID, FSRVP_INTERFACE_VERSION, PIPE_NAME, HResult
+from .dcerpc import ends_request
 from .ndr import NdrError
 
 # Timeouts the Windows client uses (MS-FSRVP 3.2.3, product notes 11-13).
@@ -52,6 +53,28 @@ class RpcFault(Exception):
         self.status = status
 
 
+class _TransceivingPipe(transport.SMBTransport):
+    """The pipe as Windows' RPC runtime and Samba's rpcclient use it: a request's last fragment goes
+    out, and its answer comes back, in one FSCTL_PIPE_TRANSCEIVE (one SMB round trip per call
+    instead of a WRITE and a READ).  Binds and AUTH3 (which has no answer) are written as before."""
+
+    _unanswered: bytes | None = None
+
+    def send(self, data, forceWriteAndx=0, forceRecv=0):  # impacket's names: it passes them by keyword
+        if ends_request(data):
+            self._unanswered = data
+        else:
+            super().send(data, forceWriteAndx, forceRecv)
+
+    def recv(self, forceRecv=0, count=0):
+        if self._unanswered is None:  # an answer's further fragments, or a bind's answer
+            return super().recv(forceRecv, count)
+        request, self._unanswered = self._unanswered, None
+        # impacket keeps the pipe's tree and file ids private to SMBTransport
+        return self.get_smb_connection().transactNamedPipe(self._SMBTransport__tid, self._SMBTransport__handle,
+                                                           request)
+
+
 def _fault_status(message: str) -> int | None:
     """impacket reports a fault as text only; recover the status it came from."""
     if message in _FAULT_STATUS_OF_MESSAGE:
@@ -84,8 +107,8 @@ class FsrvpClient:
     # -- connection -----------------------------------------------------------------------------
     def connect(self) -> None:
         username, password, domain, nthash = self._credentials
-        pipe = transport.SMBTransport(self.host, dstport=self.port, filename="\\" + PIPE_NAME, username=username,
-                                      password=password, domain=domain, nthash=nthash)
+        pipe = _TransceivingPipe(self.host, dstport=self.port, filename="\\" + PIPE_NAME, username=username,
+                                   password=password, domain=domain, nthash=nthash)
         pipe.set_connect_timeout(self._timeout)
         dce = pipe.get_dce_rpc()
         if self._rpc_auth_level is not None:

@@ -126,6 +126,18 @@ _WHOLE_PDU = PfcFlag.FIRST_FRAG | PfcFlag.LAST_FRAG
 _AUTHENTICATING_PDUS = frozenset({PduType.BIND, PduType.ALTER_CONTEXT, PduType.AUTH3})
 
 
+def ends_request(pdu: bytes) -> bool:
+    """Whether a client's PDU is the last fragment of a request, the one the server answers (what a
+    client may send as a pipe transceive: its answer comes back in the same SMB exchange)."""
+    return (len(pdu) >= HEADER_SIZE and pdu[_PTYPE_OFFSET] == PduType.REQUEST
+            and bool(pdu[_PTYPE_OFFSET + 1] & PfcFlag.LAST_FRAG))
+
+
+def fragment_length(header: bytes) -> int:
+    """frag_length from a PDU's common header: how long the message a pipe carries is."""
+    return _COMMON_HEADER.unpack_from(header)[5]
+
+
 class BindNakReason(enum.IntEnum):
     """provider_reject_reason of bind_nak (C706 12.6.3.1, MS-RPCE 2.2.2.9)."""
 

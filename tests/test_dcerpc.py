@@ -231,6 +231,17 @@ def test_the_pdus_that_may_authenticate_are_named_before_they_are_taken():
     assert not connection.may_authenticate(request(2, b"stub"))
 
 
+def test_the_pdus_a_client_may_transceive_are_the_last_fragments_of_requests():
+    """A client's pipe transceive (FSCTL_PIPE_TRANSCEIVE) waits for an answer: only a request's
+    last fragment gets one; the message a pipe carries is frag_length long."""
+    last, first = request(2, b"stub"), request(3, b"stub", flags=FIRST)
+    assert dcerpc.ends_request(last) and dcerpc.fragment_length(last) == len(last)
+    assert not dcerpc.ends_request(first)
+    assert not dcerpc.ends_request(RPCCLIENT_BIND)
+    assert not dcerpc.ends_request(pdu(AUTH3, bytes(4)))
+    assert not dcerpc.ends_request(last[:dcerpc.HEADER_SIZE - 1])
+
+
 def test_windows_bind_answers_each_context():
     connection = new_connection()
     _, pdus = exchange(connection, bind(context(0, FSRVP, NDR), context(1, FSRVP, NDR64),

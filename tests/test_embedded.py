@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import queue
+import struct
 import subprocess
 import threading
 import time
@@ -192,6 +193,52 @@ def test_ipc_share_opens_pipes_only(server, tmp_path, monkeypatch):
         client.openFile(ipc, "secret", desiredAccess=smb2.FILE_READ_DATA)
     assert opened.value.getErrorCode() == 0xC0000034  # STATUS_OBJECT_NAME_NOT_FOUND
     client.closeFile(ipc, client.openFile(ipc, "srvsvc"))
+
+
+def fake_pdu(call_id: int, length: int) -> bytes:
+    """A DCE/RPC response PDU of `length` bytes: all the front door reads of what a pipe carries."""
+    return bytes([5, 0, 2, 3]) + b"\x10\x00\x00\x00" + struct.pack("<HHI", length, 0, call_id) + bytes(length - 16)
+
+
+async def answer_with_two_messages(reader, writer, caller):
+    """A pipe server that answers every request with two PDUs at once."""
+    while await reader.read(4096):
+        writer.write(fake_pdu(1, 200) + fake_pdu(2, 100))
+        await writer.drain()
+
+
+@pytest.fixture
+def answering_pipe(loop, base_dir):
+    """An impacket client, its IPC$ tree and an open FSRVP pipe whose server answers twice."""
+    served = Server(loop, str(base_dir), answer_with_two_messages)
+    client = served.impacket_client()
+    ipc = client.connectTree("IPC$")
+    yield client, ipc, client.openFile(ipc, PIPE_NAME, desiredAccess=smb2.FILE_READ_DATA | smb2.FILE_WRITE_DATA)
+    served.stop()
+
+
+def transceive(client, ipc, pipe, max_output: int) -> bytes:
+    return client.getSMBServer().ioctl(ipc, pipe, smb2.FSCTL_PIPE_TRANSCEIVE, smb2.SMB2_0_IOCTL_IS_FSCTL,
+                                       fake_pdu(7, 24), maxOutputResponse=max_output)
+
+
+def test_transceive_answers_with_one_message(answering_pipe):
+    """Windows and rpcclient make calls with FSCTL_PIPE_TRANSCEIVE: one message per answer, as on a
+    message-mode pipe; the next one waits for a READ."""
+    client, ipc, pipe = answering_pipe
+    assert transceive(client, ipc, pipe, 4280) == fake_pdu(1, 200)
+    assert client.readFile(ipc, pipe, bytesToRead=4280) == fake_pdu(2, 100)
+
+
+def test_transceive_of_a_message_longer_than_the_output_buffer_says_so(answering_pipe):
+    """MS-SMB2 3.3.5.15.3: the start of the message with STATUS_BUFFER_OVERFLOW; READ gets the rest."""
+    client, ipc, pipe = answering_pipe
+    with pytest.raises(smb3.SessionError) as overflowed:
+        transceive(client, ipc, pipe, 64)
+    assert overflowed.value.get_error_code() == 0x80000005  # STATUS_BUFFER_OVERFLOW
+    start = smb2.SMB2Ioctl_Response(overflowed.value.get_error_packet()["Data"])["Buffer"]
+    assert start + client.readFile(ipc, pipe, bytesToRead=136) == fake_pdu(1, 200)
+    assert client.readFile(ipc, pipe, bytesToRead=4280) == fake_pdu(2, 100)
 
 
 def test_get_reads_a_file(server):

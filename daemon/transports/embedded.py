@@ -17,6 +17,9 @@ leaves open:
 * Signing is required and checked.  impacket signs its answers but never verifies a request's
   signature, and only offers signing, so a man in the middle could act in a client's session.
 * Read-only shares refuse every change: impacket only refuses creating files there.
+* A pipe transceive (FSCTL_PIPE_TRANSCEIVE, how Windows and rpcclient make their calls) answers
+  with exactly one message, as on a Windows message-mode pipe: impacket answers with whatever one
+  read of the socket returns (part of a PDU, or two) and never says the message went on.
 * Handles are closed when a client drops its connection (impacket leaks them, which would keep a
   snapshot busy), and impacket's NTLM-hash log line never reaches a log.
 
@@ -42,12 +45,15 @@ from impacket import smb
 from impacket import smb3structs as smb2
 from impacket import uuid as impacket_uuid
 from impacket.dcerpc.v5.srvs import STYPE_DISKTREE, STYPE_IPC, STYPE_SPECIAL
-from impacket.nt_errors import (STATUS_ACCESS_DENIED, STATUS_BAD_NETWORK_NAME, STATUS_LOGON_FAILURE,
+from impacket.nt_errors import (STATUS_ACCESS_DENIED, STATUS_BAD_NETWORK_NAME, STATUS_BUFFER_OVERFLOW,
+                                STATUS_INVALID_DEVICE_REQUEST, STATUS_LOGON_FAILURE,
                                 STATUS_MORE_PROCESSING_REQUIRED, STATUS_OBJECT_NAME_NOT_FOUND,
-                                STATUS_OBJECT_PATH_NOT_FOUND, STATUS_PIPE_NOT_AVAILABLE, STATUS_SUCCESS)
+                                STATUS_OBJECT_PATH_NOT_FOUND, STATUS_PIPE_DISCONNECTED, STATUS_PIPE_NOT_AVAILABLE,
+                                STATUS_SUCCESS)
 from impacket.smbserver import PIPE_FILE_DESCRIPTOR, SMBSERVER, SRVSServer, WKSTServer, normalize_path
 
 from ..constants import PIPE_NAME
+from ..dcerpc import HEADER_SIZE, fragment_length
 from ..ntlm import Accounts, NtHashAccounts
 from ..observer import Observer
 from .base import Caller, FrontDoor, PipeHandler, ShareSpec
@@ -66,6 +72,7 @@ FILE_ATTRIBUTE_NORMAL = 0x80
 SMB2_MAGIC, SMB1_MAGIC = b"\xfeSMB", b"\xffSMB"
 SMB2_DIALECT_OFFERS = (b"\x02SMB 2.002\x00", b"\x02SMB 2.???\x00")
 COMPOUND_FILE_ID = b"\xff" * 16  # "the handle the CREATE earlier in this compound request returned"
+IOCTL_OUTPUT_OFFSET = 64 + 48  # the output follows the SMB2 header and the IOCTL response's fixed part
 SECURITY_MODE = smb2.SMB2_NEGOTIATE_SIGNING_ENABLED | smb2.SMB2_NEGOTIATE_SIGNING_REQUIRED
 # MS-SMB2 3.3.5.2.4: the server does not verify these requests' signatures.
 UNSIGNED_COMMANDS = {smb2.SMB2_SESSION_SETUP, smb2.SMB2_CANCEL}
@@ -136,6 +143,7 @@ class EmbeddedFrontDoor(FrontDoor):
         ioctls = server.getIoctls()
         self._impacket_validate_negotiate = ioctls[smb2.FSCTL_VALIDATE_NEGOTIATE_INFO]
         ioctls[smb2.FSCTL_VALIDATE_NEGOTIATE_INFO] = self._validate_negotiate
+        ioctls[smb2.FSCTL_PIPE_TRANSCEIVE] = _transceive
         self._server = server
         self._serve_thread = threading.Thread(target=server.serve_forever, args=(SERVE_POLL_SECONDS,),
                                               name="fsrvpd-smb", daemon=True)
@@ -537,6 +545,36 @@ def _signed_by(key: bytes, message: bytes) -> bool:
         return False
     expected = hmac.new(key, message[:48] + bytes(16) + message[64:], hashlib.sha256).digest()[:16]
     return hmac.compare_digest(expected, message[48:64])
+
+
+def _transceive(conn_id, smb_server, request) -> tuple:
+    """FSCTL_PIPE_TRANSCEIVE (MS-SMB2 3.3.5.15.3): write the request into the pipe, answer with the
+    next message (every pipe here carries DCE/RPC, so one PDU), and if it is longer than the
+    client's MaxOutputResponse, with its start and STATUS_BUFFER_OVERFLOW: the client reads the
+    rest with READ, which finds it next in the socket."""
+    connection = smb_server.getConnectionData(conn_id)
+    open_file = connection["OpenedFiles"].get(request["FileID"].getData())
+    if open_file is None or open_file["FileHandle"] != PIPE_FILE_DESCRIPTOR:
+        return smb2.SMB2Error(), STATUS_INVALID_DEVICE_REQUEST
+    pipe = open_file["Socket"]
+    try:
+        pipe.sendall(request["Buffer"])
+        header = pipe.recv(HEADER_SIZE, socket.MSG_PEEK | socket.MSG_WAITALL)
+        if len(header) < HEADER_SIZE:
+            return smb2.SMB2Error(), STATUS_PIPE_DISCONNECTED
+        length = min(fragment_length(header), request["MaxOutputResponse"])
+        message = pipe.recv(length, socket.MSG_WAITALL)
+    except OSError:
+        return smb2.SMB2Error(), STATUS_PIPE_DISCONNECTED
+    if length == fragment_length(header):
+        return message, STATUS_SUCCESS  # impacket wraps it in the IOCTL response
+    response = smb2.SMB2Ioctl_Response()  # impacket wraps success only, so this one is built whole
+    response["CtlCode"] = request["CtlCode"]
+    response["FileID"] = request["FileID"]
+    response["OutputOffset"] = IOCTL_OUTPUT_OFFSET
+    response["OutputCount"] = len(message)
+    response["Buffer"] = message
+    return response, STATUS_BUFFER_OVERFLOW
 
 
 def _upgrades_to_smb2(data: bytes) -> bool:
