@@ -241,6 +241,15 @@ def test_transceive_of_a_message_longer_than_the_output_buffer_says_so(answering
     assert client.readFile(ipc, pipe, bytesToRead=4280) == fake_pdu(2, 100)
 
 
+def test_transceive_into_a_buffer_too_small_for_a_pdu_header_is_refused(answering_pipe):
+    """Refused before the request is written, so the pipe is as it was."""
+    client, ipc, pipe = answering_pipe
+    with pytest.raises(smb3.SessionError) as refused_call:
+        transceive(client, ipc, pipe, 15)
+    assert refused_call.value.get_error_code() == 0xC000000D  # STATUS_INVALID_PARAMETER
+    assert transceive(client, ipc, pipe, 4280) == fake_pdu(1, 200)
+
+
 def test_get_reads_a_file(server):
     result = server.smbclient("//127.0.0.1/share", "-c", "get f -")
     assert result.returncode == 0, result.stderr
