@@ -108,7 +108,7 @@ class FsrvpClient:
     def connect(self) -> None:
         username, password, domain, nthash = self._credentials
         pipe = _TransceivingPipe(self.host, dstport=self.port, filename="\\" + PIPE_NAME, username=username,
-                                   password=password, domain=domain, nthash=nthash)
+                                 password=password, domain=domain, nthash=nthash)
         pipe.set_connect_timeout(self._timeout)
         dce = pipe.get_dce_rpc()
         if self._rpc_auth_level is not None:

@@ -250,6 +250,26 @@ def test_transceive_into_a_buffer_too_small_for_a_pdu_header_is_refused(answerin
     assert transceive(client, ipc, pipe, 4280) == fake_pdu(1, 200)
 
 
+async def answer_in_part_and_close(reader, writer, caller):
+    """A pipe server that goes away in the middle of its answer."""
+    await reader.read(4096)
+    writer.write(fake_pdu(1, 200)[:50])
+    writer.close()
+
+
+def test_transceive_whose_answer_breaks_off_reports_the_pipe_disconnected(loop, base_dir):
+    served = Server(loop, str(base_dir), answer_in_part_and_close)
+    try:
+        client = served.impacket_client()
+        ipc = client.connectTree("IPC$")
+        pipe = client.openFile(ipc, PIPE_NAME, desiredAccess=smb2.FILE_READ_DATA | smb2.FILE_WRITE_DATA)
+        with pytest.raises(smb3.SessionError) as broken:
+            transceive(client, ipc, pipe, 4280)
+        assert broken.value.get_error_code() == 0xC00000B0  # STATUS_PIPE_DISCONNECTED
+    finally:
+        served.stop()
+
+
 def test_get_reads_a_file(server):
     result = server.smbclient("//127.0.0.1/share", "-c", "get f -")
     assert result.returncode == 0, result.stderr

@@ -606,11 +606,13 @@ def _exchange(pipe: socket.socket, request: bytes, max_output: int) -> tuple[byt
         message = pipe.recv(HEADER_SIZE, socket.MSG_WAITALL)
         if len(message) < HEADER_SIZE:
             return None, STATUS_PIPE_DISCONNECTED
-        whole = fragment_length(message)
+        whole = max(fragment_length(message), HEADER_SIZE)
         length = min(whole, max_output)
         if length > HEADER_SIZE:
             message += pipe.recv(length - HEADER_SIZE, socket.MSG_WAITALL)
     except OSError:
+        return None, STATUS_PIPE_DISCONNECTED
+    if len(message) < length:  # the pipe's server went away in the middle of its answer
         return None, STATUS_PIPE_DISCONNECTED
     return message, STATUS_SUCCESS if length == whole else STATUS_BUFFER_OVERFLOW
 
