@@ -208,18 +208,38 @@ async def answer_with_two_messages(reader, writer, caller):
 
 
 @pytest.fixture
-def answering_pipe(loop, base_dir):
-    """An impacket client, its IPC$ tree and an open FSRVP pipe whose server answers twice."""
-    served = Server(loop, str(base_dir), answer_with_two_messages)
-    client = served.impacket_client()
-    ipc = client.connectTree("IPC$")
-    yield client, ipc, client.openFile(ipc, PIPE_NAME, desiredAccess=smb2.FILE_READ_DATA | smb2.FILE_WRITE_DATA)
-    served.stop()
+def pipe_served_by(loop, base_dir):
+    """Opens an FSRVP pipe whose server is the given handler: an impacket client, its IPC$ tree
+    and the pipe; the front doors are stopped afterwards."""
+    servers = []
+
+    def open_pipe(handle_pipe):
+        servers.append(served := Server(loop, str(base_dir), handle_pipe))
+        client = served.impacket_client()
+        ipc = client.connectTree("IPC$")
+        return client, ipc, client.openFile(ipc, PIPE_NAME, desiredAccess=smb2.FILE_READ_DATA | smb2.FILE_WRITE_DATA)
+
+    yield open_pipe
+    for served in servers:
+        served.stop()
+
+
+@pytest.fixture
+def answering_pipe(pipe_served_by):
+    """An open FSRVP pipe whose server answers twice."""
+    return pipe_served_by(answer_with_two_messages)
 
 
 def transceive(client, ipc, pipe, max_output: int) -> bytes:
     return client.getSMBServer().ioctl(ipc, pipe, smb2.FSCTL_PIPE_TRANSCEIVE, smb2.SMB2_0_IOCTL_IS_FSCTL,
                                        fake_pdu(7, 24), maxOutputResponse=max_output)
+
+
+def failed_transceive(client, ipc, pipe, max_output: int) -> smb3.SessionError:
+    """The error a transceive is answered with (its status, and the packet it came in)."""
+    with pytest.raises(smb3.SessionError) as failed:
+        transceive(client, ipc, pipe, max_output)
+    return failed.value
 
 
 def test_transceive_answers_with_one_message(answering_pipe):
@@ -233,10 +253,9 @@ def test_transceive_answers_with_one_message(answering_pipe):
 def test_transceive_of_a_message_longer_than_the_output_buffer_says_so(answering_pipe):
     """MS-SMB2 3.3.5.15.3: the start of the message with STATUS_BUFFER_OVERFLOW; READ gets the rest."""
     client, ipc, pipe = answering_pipe
-    with pytest.raises(smb3.SessionError) as overflowed:
-        transceive(client, ipc, pipe, 64)
-    assert overflowed.value.get_error_code() == 0x80000005  # STATUS_BUFFER_OVERFLOW
-    start = smb2.SMB2Ioctl_Response(overflowed.value.get_error_packet()["Data"])["Buffer"]
+    overflowed = failed_transceive(client, ipc, pipe, 64)
+    assert overflowed.get_error_code() == 0x80000005  # STATUS_BUFFER_OVERFLOW
+    start = smb2.SMB2Ioctl_Response(overflowed.get_error_packet()["Data"])["Buffer"]
     assert start + client.readFile(ipc, pipe, bytesToRead=136) == fake_pdu(1, 200)
     assert client.readFile(ipc, pipe, bytesToRead=4280) == fake_pdu(2, 100)
 
@@ -244,9 +263,7 @@ def test_transceive_of_a_message_longer_than_the_output_buffer_says_so(answering
 def test_transceive_into_a_buffer_too_small_for_a_pdu_header_is_refused(answering_pipe):
     """Refused before the request is written, so the pipe is as it was."""
     client, ipc, pipe = answering_pipe
-    with pytest.raises(smb3.SessionError) as refused_call:
-        transceive(client, ipc, pipe, 15)
-    assert refused_call.value.get_error_code() == 0xC000000D  # STATUS_INVALID_PARAMETER
+    assert failed_transceive(client, ipc, pipe, 15).get_error_code() == 0xC000000D  # STATUS_INVALID_PARAMETER
     assert transceive(client, ipc, pipe, 4280) == fake_pdu(1, 200)
 
 
@@ -257,17 +274,9 @@ async def answer_in_part_and_close(reader, writer, caller):
     writer.close()
 
 
-def test_transceive_whose_answer_breaks_off_reports_the_pipe_disconnected(loop, base_dir):
-    served = Server(loop, str(base_dir), answer_in_part_and_close)
-    try:
-        client = served.impacket_client()
-        ipc = client.connectTree("IPC$")
-        pipe = client.openFile(ipc, PIPE_NAME, desiredAccess=smb2.FILE_READ_DATA | smb2.FILE_WRITE_DATA)
-        with pytest.raises(smb3.SessionError) as broken:
-            transceive(client, ipc, pipe, 4280)
-        assert broken.value.get_error_code() == 0xC00000B0  # STATUS_PIPE_DISCONNECTED
-    finally:
-        served.stop()
+def test_transceive_whose_answer_breaks_off_reports_the_pipe_disconnected(pipe_served_by):
+    client, ipc, pipe = pipe_served_by(answer_in_part_and_close)
+    assert failed_transceive(client, ipc, pipe, 4280).get_error_code() == 0xC00000B0  # STATUS_PIPE_DISCONNECTED
 
 
 def test_get_reads_a_file(server):
