@@ -171,8 +171,9 @@ class BenchStorage:
         share). "exposed": the snapshots, then exposing each (zfs: a read-only clone; btrfs:
         nothing, a snapshot is a directory): what must exist before Commit and Expose answer.
         "cycle": that, then removing everything again (btrfs: until the kernel has dropped the
-        subvolumes; tags not counted: the fastest cycle any server could run). "tagged" (zfs): the "commit" snapshot again, with a user property set
-        as it is taken (`zfs snapshot -o`), as fsrvpd tags everything it creates.
+        subvolumes; tags not counted: the fastest cycle any server could run). "tagged" (zfs): the
+        "commit" snapshot again, with a user property set as it is taken (`zfs snapshot -o`), as
+        fsrvpd tags everything it creates.
         """
         tag = f"floor-{uuid.uuid4().hex[:8]}"
         shares = self.shares(backend, size)

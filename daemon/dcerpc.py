@@ -129,8 +129,10 @@ _AUTHENTICATING_PDUS = frozenset({PduType.BIND, PduType.ALTER_CONTEXT, PduType.A
 def ends_request(pdu: bytes) -> bool:
     """Whether a client's PDU is the last fragment of a request, the one the server answers (what a
     client may send as a pipe transceive: its answer comes back in the same SMB exchange)."""
-    return (len(pdu) >= HEADER_SIZE and pdu[_PTYPE_OFFSET] == PduType.REQUEST
-            and bool(pdu[_PTYPE_OFFSET + 1] & PfcFlag.LAST_FRAG))
+    if len(pdu) < HEADER_SIZE:
+        return False
+    ptype, flags = _COMMON_HEADER.unpack_from(pdu)[2:4]
+    return ptype == PduType.REQUEST and bool(flags & PfcFlag.LAST_FRAG)
 
 
 def fragment_length(header: bytes) -> int:
